@@ -1,0 +1,38 @@
+"""optax_shapley: in-run data Shapley values for JAX/Flax training with Adam.
+
+Which training examples helped or hurt the validation loss, measured while the
+model trains (DESIGN.md; Ding, Zhang, Wang, Hu 2026, "In-Run Data Shapley for
+Adam Optimizer"; Wang et al. 2024, "Data Shapley in One Training Run").
+Sign convention: a positive value means the example lowered the validation
+loss (helpful).
+"""
+
+from optax_shapley.capture import Factors, contract, value_grad_and_factors
+from optax_shapley.layers import UnsupportedModuleError
+from optax_shapley.transform import (
+    ShapleyState,
+    adam,
+    adamw,
+    check,
+    sgd,
+    step_values,
+    values,
+    with_shapley,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Factors",
+    "ShapleyState",
+    "UnsupportedModuleError",
+    "adam",
+    "adamw",
+    "check",
+    "contract",
+    "sgd",
+    "step_values",
+    "value_grad_and_factors",
+    "values",
+    "with_shapley",
+]

@@ -1,0 +1,333 @@
+"""Capture of ghost factors: per-example losses, the batch gradient, and factors.
+
+``value_grad_and_factors(per_example_loss)(params, *args)`` runs one forward
+and one backward pass of ``per_example_loss`` with Flax interceptors
+(``flax.linen.intercept_methods``) installed inside the traced function
+(DESIGN.md section 4).  For every call of a supported module (see
+:mod:`optax_shapley.layers`) it keeps the call's inputs and adds a zero
+*probe* to the call's output; the probe's cotangent from ``jax.vjp`` is the
+output gradient ``b_i`` of every example.  Inputs leave the trace as auxiliary
+outputs of the vjp'd function.
+
+Parameters not owned by a supported call (a raw ``self.param``, a custom
+layer, a module inside a lifted transform such as ``nn.scan``) are contracted
+exactly by forward-mode ``jax.jvp`` of the per-example losses along the
+direction restricted to those leaves.  No parameter is ever dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_shapley import layers
+
+_REDUCTIONS = ("mean", "sum")
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(
+      x, jax.core.Tracer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CallPlan:
+  """Static description of one supported module call (known at trace time)."""
+  key: tuple            # (module path, method name, call index)
+  module: nn.Module     # unbound clone, used to re-apply with a direction
+  method: str
+  param_map: tuple      # ((name path inside 'params', leaf index), ...)
+  args_treedef: Any     # treedef of (args, kwargs) with arrays as leaves
+  static_leaves: tuple  # ((position, value), ...) non-array leaves of args
+  num_leaves: int
+
+
+@jax.tree_util.register_pytree_node_class
+class Factors:
+  """Ghost factors of one batch: what the transform needs for ``x_i . d``.
+
+  ``x_i = c * grad l_i(w)`` is example ``i``'s share of the batch gradient
+  (``c = 1/B`` for ``reduction="mean"``, ``1`` for ``"sum"``).
+
+  Attributes:
+    calls: per supported module call, ``(inputs, cotangent)``: the array
+      inputs of the call (leading axis ``B``) and the output cotangent
+      ``b = c * dl/dy``, f[B, ...].
+    fallback: ``(params, args)`` kept for the forward-mode fallback, or
+      ``None`` when every trainable leaf is owned by a supported call.
+    plans: static, one :class:`_CallPlan` per entry of ``calls``.
+    fallback_leaves: static, indices (in ``jax.tree.leaves(params)`` order) of
+      the leaves contracted by ``jax.jvp``.
+    loss_fn: static, the per-example loss (for the fallback).
+    params_treedef: static, tree structure of ``params``.
+    batch_size: static, ``B`` (the local batch under data parallelism).
+    scale: static, ``c``.
+  """
+
+  def __init__(self, calls, fallback, plans, fallback_leaves, loss_fn,
+               params_treedef, batch_size, scale):
+    self.calls = calls
+    self.fallback = fallback
+    self.plans = plans
+    self.fallback_leaves = fallback_leaves
+    self.loss_fn = loss_fn
+    self.params_treedef = params_treedef
+    self.batch_size = batch_size
+    self.scale = scale
+
+  def tree_flatten(self):
+    aux = (self.plans, self.fallback_leaves, self.loss_fn, self.params_treedef,
+           self.batch_size, self.scale)
+    return (self.calls, self.fallback), aux
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def __repr__(self):
+    kinds = collections.Counter(type(p.module).__name__ for p in self.plans)
+    return (f"Factors(batch_size={self.batch_size}, calls={dict(kinds)}, "
+            f"fallback_leaves={len(self.fallback_leaves)})")
+
+
+def _flatten_call_args(args, kwargs):
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  arrays = tuple(x for x in leaves if _is_array(x))
+  statics = tuple((i, x) for i, x in enumerate(leaves) if not _is_array(x))
+  return arrays, treedef, statics, len(leaves)
+
+
+def _unflatten_call_args(plan: _CallPlan, arrays):
+  static = dict(plan.static_leaves)
+  it = iter(arrays)
+  leaves = [static[i] if i in static else next(it) for i in range(plan.num_leaves)]
+  return jax.tree.unflatten(plan.args_treedef, leaves)
+
+
+def _param_paths(tree, prefix=()):
+  """Yields (name path, leaf) for a nested dict of parameters."""
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    for k, v in tree.items():
+      yield from _param_paths(v, prefix + (k,))
+  else:
+    yield prefix, tree
+
+
+def _set_path(tree: dict, path, value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def module_direction(plan: _CallPlan, leaves):
+  """The module's ``'params'`` dict built from a list of parameter leaves."""
+  out: dict = {}
+  for path, idx in plan.param_map:
+    _set_path(out, path, leaves[idx])
+  return out
+
+
+def _discover(per_example_loss, params, args):
+  """Traces the loss abstractly; returns (loss shape, call records)."""
+  records = []
+
+  def fn(p):
+    leaves = jax.tree.leaves(p)
+    index = {id(x): i for i, x in enumerate(leaves)}
+    counter = collections.Counter()
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+      module, method = context.module, context.method_name
+      layers.check_no_batch_mixing(module, method, call_kwargs)
+      if not layers.is_supported(module, method):
+        return next_fun(*call_args, **call_kwargs)
+      path = tuple(module.path)
+      key = (path, method, counter[(path, method)])
+      counter[(path, method)] += 1
+      owned = tuple((name, index.get(id(x)))
+                    for name, x in _param_paths(module.variables.get("params", {})))
+      out = next_fun(*call_args, **call_kwargs)
+      arrays, treedef, statics, n = _flatten_call_args(call_args, call_kwargs)
+      records.append(dict(
+          key=key, module=module.clone(parent=None, name=module.name),
+          method=method, owned=owned, out=jax.ShapeDtypeStruct(out.shape, out.dtype)
+          if hasattr(out, "shape") else None,
+          in_shapes=tuple(x.shape for x in arrays), treedef=treedef,
+          statics=statics, n=n))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return per_example_loss(p, *args)
+
+  loss_shape = jax.eval_shape(fn, params)
+  return loss_shape, records
+
+
+def _plan(records, batch, num_leaves, leaf_is_float):
+  """Chooses which calls get probes; the rest of the leaves fall back."""
+  valid, tainted = [], set()
+  for r in records:
+    matched = [i for _, i in r["owned"] if i is not None]
+    ok = (bool(r["owned"]) and len(matched) == len(r["owned"])
+          and r["out"] is not None and r["out"].shape[:1] == (batch,)
+          and jnp.issubdtype(r["out"].dtype, jnp.inexact)
+          and all(s[:1] == (batch,) for s in r["in_shapes"]))
+    if ok:
+      valid.append(r)
+    else:
+      tainted.update(matched)
+  plans, ruled = [], set()
+  for r in valid:
+    idx = {i for _, i in r["owned"]}
+    if idx & tainted:
+      continue
+    ruled |= idx
+    plans.append(_CallPlan(
+        key=r["key"], module=r["module"], method=r["method"],
+        param_map=r["owned"], args_treedef=r["treedef"],
+        static_leaves=r["statics"], num_leaves=r["n"]))
+  fallback = tuple(i for i in range(num_leaves)
+                   if leaf_is_float[i] and i not in ruled)
+  return tuple(plans), fallback
+
+
+def value_grad_and_factors(
+    per_example_loss: Callable[..., jax.Array],
+    *,
+    reduction: str = "mean",
+) -> Callable[..., tuple[jax.Array, Any, Factors]]:
+  """Per-example losses, the batch gradient and ghost factors in one pass.
+
+  Like :func:`jax.value_and_grad`, returns a function.  With
+  ``losses = per_example_loss(params, *args)`` of shape ``f32[B]``::
+
+      losses, grads, factors = value_grad_and_factors(per_example_loss)(params, *args)
+
+  ``grads`` is the gradient of ``mean(losses)`` (``reduction="mean"``) or of
+  ``sum(losses)`` (``"sum"``) with respect to ``params`` (the first argument);
+  ``factors`` (:class:`Factors`, a pytree) lets the Shapley transformation
+  compute ``x_i . d`` for any direction ``d`` without per-example gradients,
+  where ``x_i = c * grad l_i``, ``c = 1/B`` or ``1``.  One forward and one
+  backward pass; the supported-module interceptors are installed inside the
+  traced function, so it works under ``jax.jit`` and ``jax.pmap``.
+
+  ``per_example_loss`` must make ``l_i`` depend on example ``i`` only (every
+  array in ``args`` has the batch on its leading axis).
+
+  Raises:
+    ValueError: ``reduction`` unknown, or the loss is not of shape ``[B]``.
+    UnsupportedModuleError: a module mixes examples (``nn.BatchNorm`` in
+      training mode).
+  """
+  if reduction not in _REDUCTIONS:
+    raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+  def fn(params, *args):
+    leaves, treedef = jax.tree.flatten(params)
+    loss_shape, records = _discover(per_example_loss, params, args)
+    if len(loss_shape.shape) != 1:
+      raise ValueError(
+          "per_example_loss must return one loss per example, shape [B]; got "
+          f"shape {loss_shape.shape}")
+    batch = loss_shape.shape[0]
+    scale = 1.0 / batch if reduction == "mean" else 1.0
+    is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
+    plans, fallback_leaves = _plan(records, batch, len(leaves), is_float)
+    by_key = {p.key: p for p in plans}
+    out_of = {r["key"]: r["out"] for r in records}
+    probes = {p.key: jnp.zeros(out_of[p.key].shape, out_of[p.key].dtype)
+              for p in plans}
+
+    def probed(p, probes):
+      counter = collections.Counter()
+      inputs = {}
+
+      def interceptor(next_fun, call_args, call_kwargs, context):
+        module, method = context.module, context.method_name
+        if not layers.is_supported(module, method):
+          return next_fun(*call_args, **call_kwargs)
+        path = tuple(module.path)
+        key = (path, method, counter[(path, method)])
+        counter[(path, method)] += 1
+        out = next_fun(*call_args, **call_kwargs)
+        if key not in by_key:
+          return out
+        inputs[key] = _flatten_call_args(call_args, call_kwargs)[0]
+        return out + probes[key]
+
+      with nn.intercept_methods(interceptor):
+        losses = per_example_loss(p, *args)
+      return losses, (losses, inputs)
+
+    _, vjp_fn, (losses, inputs) = jax.vjp(probed, params, probes, has_aux=True)
+    missing = set(by_key) - set(inputs)
+    if missing:
+      raise RuntimeError(f"module calls seen while planning but not when "
+                         f"differentiating: {sorted(missing)}")
+    cot = jnp.full(losses.shape, scale, losses.dtype)
+    grads, probe_cts = vjp_fn(cot)
+    calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)
+    fb = (params, args) if fallback_leaves else None
+    factors = Factors(calls, fb, plans, fallback_leaves, per_example_loss,
+                      treedef, batch, scale)
+    return losses, grads, factors
+
+  return fn
+
+
+def contract(factors: Factors, directions: Any) -> jax.Array:
+  """``x_i . d_e`` for every example ``i`` and every direction ``e``.
+
+  Args:
+    factors: from :func:`value_grad_and_factors`.
+    directions: a tree like ``params`` whose leaves carry a leading axis
+      ``E`` (one direction per estimator).
+
+  Returns:
+    f32[B, E] where entry ``(i, e)`` is ``c * grad l_i(w) . d_e``.
+  """
+  d_leaves = factors.params_treedef.flatten_up_to(directions)
+  num_dirs = d_leaves[0].shape[0]
+  total = jnp.zeros((factors.batch_size, num_dirs), jnp.float32)
+  for plan, (arrays, cotangent) in zip(factors.plans, factors.calls):
+    call_args, call_kwargs = _unflatten_call_args(plan, arrays)
+
+    def one(d_mod, plan=plan, call_args=call_args, call_kwargs=call_kwargs,
+            cotangent=cotangent):
+      return layers.contract(plan.module, plan.method, d_mod, call_args,
+                             call_kwargs, cotangent)
+
+    d_mod = module_direction(plan, d_leaves)
+    total = total + jax.vmap(one, out_axes=1)(d_mod)
+  if factors.fallback_leaves:
+    total = total + _fallback_contract(factors, d_leaves)
+  return total
+
+
+def _fallback_contract(factors: Factors, d_leaves) -> jax.Array:
+  """Exact ``c * jvp(l_i, d)`` restricted to the fallback leaves, f32[B, E]."""
+  params, args = factors.fallback
+  leaves = factors.params_treedef.flatten_up_to(params)
+  fb = factors.fallback_leaves
+
+  def loss_of(fb_vals):
+    full = list(leaves)
+    for i, v in zip(fb, fb_vals):
+      full[i] = v
+    return factors.loss_fn(jax.tree.unflatten(factors.params_treedef, full), *args)
+
+  primals = tuple(leaves[i] for i in fb)
+
+  def one(tangent):
+    tangent = tuple(t.astype(p.dtype) for t, p in zip(tangent, primals))
+    return jax.jvp(loss_of, (primals,), (tangent,))[1]
+
+  tangents = tuple(d_leaves[i] for i in fb)
+  out = jax.vmap(one, out_axes=1)(tangents)
+  return out.astype(jnp.float32) * factors.scale

@@ -1,0 +1,173 @@
+"""Metrics ``D_t`` and evaluation points ``wbar_t`` (DESIGN.md section 2).
+
+Every estimator credits example ``i`` at step ``t`` with::
+
+    phi_{t,i} ~= x_i . d_t,      d_t = -D_t^T grad L(wbar_t)
+
+where ``x_i = c * grad l_i(w_t)`` is the example's share of the batch
+gradient, ``L`` the validation objective and ``D_t`` the *metric*: how the
+optimizer step ``u_t(g) = tx.update(g, s_{t-1}, w_t)[0]`` changes when the
+gradient changes.  Each function below returns ``d_t`` (a tree like the
+parameters) given ``v = grad L(wbar_t)``.
+
+Sign convention: ``phi > 0`` means example ``i`` lowered the validation loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+METRICS = ("sgd", "fixed_state", "linearized", "secant")
+EVALUATIONS = ("start", "midpoint", "end")
+
+UpdateFn = Callable[[Any], Any]   # g -> u(g), the inner step with state frozen
+
+
+def _finite_or_zero(tree):
+  return jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0), tree)
+
+
+def learning_rate_at(learning_rate, step) -> jax.Array:
+  """``eta_t``: a float, or an optax schedule evaluated at the 0-based step."""
+  if callable(learning_rate):
+    return jnp.asarray(learning_rate(step), jnp.float32)
+  return jnp.asarray(learning_rate, jnp.float32)
+
+
+def sgd_direction(val_grad, *, learning_rate) -> Any:
+  """SGD metric ``D = -eta I``: ``d = eta * v``.
+
+  First-order In-Run Data Shapley (Wang et al. 2024, eq. 5) / TracIn: the
+  value is ``eta * x_i . grad L(w)``.  Wrong under Adam, kept as the baseline.
+  """
+  return jax.tree.map(lambda v: learning_rate * v, val_grad)
+
+
+def find_adam_state(state) -> optax.ScaleByAdamState:
+  """The first ``optax.ScaleByAdamState`` inside an optimizer state.
+
+  Raises:
+    ValueError: the state holds none (the inner optimizer is not Adam-like).
+  """
+  found = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+           if isinstance(s, optax.ScaleByAdamState)]
+  if not found:
+    raise ValueError(
+        "metric 'fixed_state' needs Adam moments, but the inner optimizer "
+        "state holds no optax.ScaleByAdamState; use metric='secant' or "
+        "'linearized', which work for any optax optimizer.")
+  return found[0]
+
+
+def fixed_state_direction(val_grad, adam_state: optax.ScaleByAdamState, *,
+                          learning_rate, b1: float, b2: float, eps: float,
+                          previous: bool = False, prev_state=None) -> Any:
+  """The paper's Adam-aware closed form with the moments frozen.
+
+  Ding, Zhang, Wang, Hu (2026), "In-Run Data Shapley for Adam Optimizer":
+  only the fresh gradient's share of the first moment varies with the
+  coalition, so elementwise::
+
+      D = -eta_t * (1 - b1) / (1 - b1^t) / (sqrt(vhat) + eps),
+      vhat = nu_t / (1 - b2^t)
+
+  with ``nu_t`` and ``t`` from the state *after* the step (``previous=False``)
+  or ``nu_{t-1}, t-1`` from ``prev_state`` (``previous=True``; the Taylor base
+  point, ``vhat_0 = 0``).  ``d = -D * v``.
+  """
+  t = adam_state.count.astype(jnp.float32)
+  c1 = (1.0 - b1) / (1.0 - b1 ** t)
+  if previous:
+    nu, tv = prev_state.nu, prev_state.count.astype(jnp.float32)
+  else:
+    nu, tv = adam_state.nu, t
+  bc2 = 1.0 - b2 ** tv
+
+  def one(v, n):
+    vhat = jnp.where(bc2 > 0, n / jnp.where(bc2 > 0, bc2, 1.0), 0.0)
+    return learning_rate * c1 / (jnp.sqrt(vhat) + eps) * v
+
+  return jax.tree.map(one, val_grad, nu)
+
+
+def linearized_direction(update_fn: UpdateFn, g, val_grad) -> Any:
+  """Exact Jacobian metric ``D = du/dg`` at ``g_t``: ``d = -D^T v``.
+
+  Generic: a ``jax.vjp`` of any optax update with the state held fixed,
+  second-moment path included.  With ``evaluation="end"`` this is the
+  first-order leave-one-out ``U(B) - U(B minus {i})``.  Entries where the
+  Jacobian is not finite (Adam with ``vhat = 0`` and ``g = 0``: the derivative
+  of ``sqrt`` at 0) are set to 0; there the batch gradient is exactly zero,
+  which in practice means every per-example gradient is zero too.
+  """
+  _, vjp = jax.vjp(update_fn, g)
+  (jt_v,) = vjp(val_grad)
+  return _finite_or_zero(jax.tree.map(jnp.negative, jt_v))
+
+
+def secant_direction(update_fn: UpdateFn, g, u_g, u_0, val_grad, *,
+                     elementwise: bool = True, nodes: int = 3,
+                     rtol: float = 1e-3) -> Any:
+  """Secant (Aumann-Shapley) metric: ``D = int_0^1 du/dg(s g) ds``.
+
+  The ray average of the Jacobian, so that ``D g = u(g) - u(0)`` and the
+  values sum to the step's whole effect (efficiency).  For an elementwise
+  optimizer it is the difference quotient, elementwise::
+
+      D = (u(g) - u(0)) / g
+
+  Where that quotient is unreliable (``g = 0``, or ``|u(g) - u(0)|`` below
+  ``rtol * max(|u(g)|, |u(0)|)`` so float32 cancellation would dominate) the
+  derivative ``du/dg`` at ``g / 2`` is used instead (forward mode, one
+  ``jax.jvp`` with a tangent of ones, which is the diagonal for an elementwise
+  optimizer); the change of ``u`` there is then tiny and nearly linear.
+
+  ``elementwise=False`` (optimizers that mix coordinates, e.g. global-norm
+  clipping) integrates ``J(s g)^T v`` over the ray with ``nodes``-point
+  Gauss-Legendre quadrature, one ``jax.vjp`` per node.
+
+  Returns ``d = -D^T v``; non-finite entries set to 0 (see
+  :func:`linearized_direction`).
+  """
+  if not elementwise:
+    xs, ws = np.polynomial.legendre.leggauss(nodes)
+    xs, ws = (xs + 1.0) / 2.0, ws / 2.0
+    acc = jax.tree.map(jnp.zeros_like, val_grad)
+    for s, w in zip(xs, ws):
+      _, vjp = jax.vjp(update_fn, jax.tree.map(lambda x: s * x, g))
+      (jt_v,) = vjp(val_grad)
+      acc = jax.tree.map(lambda a, j: a - w * j, acc, jt_v)
+    return _finite_or_zero(acc)
+
+  half = jax.tree.map(lambda x: x / 2, g)
+  ones = jax.tree.map(jnp.ones_like, g)
+  _, deriv = jax.jvp(update_fn, (half,), (ones,))
+
+  def one(gi, ug, u0, dm, v):
+    diff = ug - u0
+    scale = jnp.maximum(jnp.abs(ug), jnp.abs(u0))
+    ok = (gi != 0) & (jnp.abs(diff) > rtol * scale)
+    q = diff / jnp.where(ok, gi, 1)
+    metric = jnp.where(ok, q, dm)
+    return jnp.where(jnp.isfinite(metric), -metric * v, 0)
+
+  return jax.tree.map(one, g, u_g, u_0, deriv, val_grad)
+
+
+def evaluation_point(name: str, params, u_g, u_0=None):
+  """``wbar_t``: ``start`` = ``w_t``; ``midpoint`` = ``w_t + (u(0) + u(g))/2``;
+  ``end`` = ``w_t + u(g)``."""
+  if name == "start":
+    return params
+  if name == "end":
+    return optax.apply_updates(params, u_g)
+  if name == "midpoint":
+    mid = jax.tree.map(lambda a, b: (a + b) / 2, u_0, u_g)
+    return optax.apply_updates(params, mid)
+  raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {name!r}")

@@ -1,0 +1,355 @@
+"""The Shapley transformation: any optax optimizer plus per-example values.
+
+``with_shapley(inner, num_examples=N)`` wraps an optax transformation.  Its
+updates are exactly the inner optimizer's; alongside, every step credits each
+example ``i`` of the batch with (DESIGN.md sections 1-2)::
+
+    phi_{t,i} ~= x_i . d_t,    d_t = -D_t^T grad L(wbar_t),    x_i = c grad l_i(w_t)
+
+approximating the Shapley value of the one-step utility
+``U_t(S) = L(w_t) - L(w_t + u_t(g_S))`` (positive: example ``i`` lowered the
+validation loss), and accumulates ``Phi_i = sum_t phi_{t,i}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_shapley import capture, metrics
+
+# Bits of ShapleyState.error: why a step's credit was skipped.
+ERROR_ID_OUT_OF_RANGE = 1
+ERROR_DUPLICATE_ID = 2
+ERROR_NON_FINITE = 4
+_ERROR_TEXT = {
+    ERROR_ID_OUT_OF_RANGE: "an example id was out of range [0, num_examples)",
+    ERROR_DUPLICATE_ID: "an example id appeared twice in one batch",
+    ERROR_NON_FINITE: ("a step value was NaN or infinite (NaN/inf loss, "
+                       "gradient or validation loss)"),
+}
+
+
+class ShapleyState(NamedTuple):
+  """State of :func:`with_shapley`.
+
+  Attributes:
+    inner_state: the wrapped optax optimizer's state.
+    values: f32[num_examples] (``[num_examples, E]`` with several estimators,
+      ``[..., K]`` with several targets): accumulated values
+      ``Phi_i = sum_t phi_{t,i}``; positive = helpful.
+    step_values: f32[B] (or ``[B, E]``): the last step's values, aligned with
+      the last ``example_ids`` (gathered in device order under data
+      parallelism).  Zeros before the first step.
+    count: int32, number of steps taken.
+    skipped: int32, number of steps whose credit was skipped (see ``error``).
+    error: int32 bitmask of the reasons credit was skipped (``ERROR_*``).
+  """
+  inner_state: optax.OptState
+  values: jax.Array
+  step_values: jax.Array
+  count: jax.Array
+  skipped: jax.Array
+  error: jax.Array
+
+
+def _as_tuple(x):
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _estimators(metric, evaluation):
+  """Broadcasts ``metric`` and ``evaluation`` to a list of pairs."""
+  ms, es = _as_tuple(metric), _as_tuple(evaluation)
+  if len(ms) != len(es) and 1 not in (len(ms), len(es)):
+    raise ValueError(
+        f"metric {metric!r} and evaluation {evaluation!r} must have the same "
+        "length, or one of them must be a single name")
+  n = max(len(ms), len(es))
+  ms, es = ms * (n // len(ms)), es * (n // len(es))
+  for m in ms:
+    if m not in metrics.METRICS:
+      raise ValueError(f"unknown metric {m!r}; choose from {metrics.METRICS}")
+  for e in es:
+    if e not in metrics.EVALUATIONS:
+      raise ValueError(
+          f"unknown evaluation {e!r}; choose from {metrics.EVALUATIONS}")
+  return tuple(zip(ms, es))
+
+
+def with_shapley(
+    inner: optax.GradientTransformation,
+    *,
+    num_examples: int,
+    metric: str | Sequence[str] = "secant",
+    evaluation: str | Sequence[str] = "midpoint",
+    batch_size: int | None = None,
+    contraction: str = "auto",
+    axis_name: str | None = None,
+    learning_rate: float | optax.Schedule | None = None,
+    b1: float | None = None,
+    b2: float | None = None,
+    eps: float | None = None,
+    fixed_state_previous: bool = False,
+    elementwise: bool = False,
+    secant_nodes: int = 3,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` to accumulate per-example in-run data Shapley values.
+
+  ``update(grads, state, params, *, factors, example_ids, val_loss)``:
+
+  - ``grads``: the batch gradient (global mean under data parallelism).
+  - ``factors``: from :func:`optax_shapley.value_grad_and_factors` on the
+    same batch (the local shard under data parallelism).
+  - ``example_ids``: int[B], distinct ids in ``[0, num_examples)``.
+  - ``val_loss``: ``params -> f32[V]`` per-example validation losses; the
+    target is their mean ``L``.
+
+  The returned updates are bit-identical to ``inner.update``.  Values are
+  accumulated in ``state.values``; read them with :func:`values`.
+
+  Args:
+    inner: any optax transformation (the optimizer).
+    num_examples: ``N``, the size of the values table.
+    metric: ``"secant"`` (default), ``"linearized"``, ``"fixed_state"`` (the
+      paper's method, Adam only) or ``"sgd"`` (In-Run Data Shapley
+      baseline); a tuple tracks several estimators in one run.
+    evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
+      pairs with ``metric`` (a single name is broadcast).
+    batch_size: the (global) batch size ``B``, to size ``step_values`` at
+      ``init``; if ``None`` the first update changes its shape (one retrace).
+    contraction: ``"auto"`` or ``"exact"`` (both exact contraction now).
+    axis_name: the data-parallel axis under ``jax.pmap`` / ``jax.shard_map``.
+    learning_rate, b1, b2, eps: the Adam hyperparameters, needed by the
+      ``sgd`` (``learning_rate`` only) and ``fixed_state`` metrics.
+    fixed_state_previous: ``fixed_state`` uses ``vhat_{t-1}`` (the paper's
+      Taylor base point) instead of ``vhat_t``.
+    elementwise: ``inner`` acts coordinate-wise (Adam, AdamW, SGD, RMSProp):
+      the secant metric is then an exact difference quotient.  Leave False
+      for optimizers that mix coordinates (global-norm clipping); secant then
+      uses ``secant_nodes``-point quadrature of ``jax.vjp`` along the ray.
+
+  Raises:
+    ValueError: unknown metric/evaluation/contraction, or a metric that needs
+      hyperparameters that were not given.
+  """
+  ests = _estimators(metric, evaluation)
+  multi = isinstance(metric, (tuple, list)) or isinstance(evaluation, (tuple, list))
+  if contraction not in ("auto", "exact"):
+    raise ValueError(f"contraction must be 'auto' or 'exact', got {contraction!r}")
+  if num_examples <= 0:
+    raise ValueError(f"num_examples must be positive, got {num_examples}")
+  used = {m for m, _ in ests}
+  if used & {"sgd", "fixed_state"} and learning_rate is None:
+    raise ValueError("metrics 'sgd' and 'fixed_state' need learning_rate")
+  if "fixed_state" in used and None in (b1, b2, eps):
+    raise ValueError("metric 'fixed_state' needs the Adam b1, b2 and eps")
+  inner = optax.with_extra_args_support(inner)
+  num_est = len(ests)
+  value_shape = (num_est,) if multi else ()
+
+  def init_fn(params):
+    b = 0 if batch_size is None else batch_size
+    return ShapleyState(
+        inner_state=inner.init(params),
+        values=jnp.zeros((num_examples,) + value_shape, jnp.float32),
+        step_values=jnp.zeros((b,) + value_shape, jnp.float32),
+        count=jnp.zeros([], jnp.int32),
+        skipped=jnp.zeros([], jnp.int32),
+        error=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(updates, state, params=None, *, factors=None, example_ids=None,
+                val_loss=None, **extra_args):
+    if params is None:
+      raise ValueError("with_shapley needs params (tx.update(grads, state, params, ...))")
+    if not isinstance(factors, capture.Factors):
+      raise ValueError("tx.update needs factors=..., from "
+                       "optax_shapley.value_grad_and_factors on the same batch")
+    if example_ids is None or val_loss is None:
+      raise ValueError("tx.update needs example_ids=... and val_loss=...")
+    grads = updates
+    example_ids = jnp.asarray(example_ids)
+    if example_ids.shape != (factors.batch_size,):
+      raise ValueError(
+          f"example_ids has shape {example_ids.shape} but the factors are for "
+          f"a batch of {factors.batch_size} examples")
+    if not jnp.issubdtype(example_ids.dtype, jnp.integer):
+      raise ValueError(f"example_ids must be integers, got {example_ids.dtype}")
+    _check_concrete_ids(example_ids, num_examples)
+
+    inner_update = lambda g: inner.update(g, state.inner_state, params, **extra_args)
+    u_g, new_inner = inner_update(grads)
+    update_of = lambda g: inner_update(g)[0]
+    need_zero = any(m == "secant" or e == "midpoint" for m, e in ests)
+    u_0 = update_of(jax.tree.map(jnp.zeros_like, grads)) if need_zero else None
+
+    val_mean = _validation_objective(val_loss, params)
+    val_grads = {}
+    for e in dict.fromkeys(e for _, e in ests):
+      w_bar = metrics.evaluation_point(e, params, u_g, u_0)
+      val_grads[e] = jax.grad(val_mean)(w_bar)
+
+    eta = (metrics.learning_rate_at(learning_rate, state.count)
+           if learning_rate is not None else None)
+    dirs = []
+    for m, e in ests:
+      v = val_grads[e]
+      if m == "sgd":
+        d = metrics.sgd_direction(v, learning_rate=eta)
+      elif m == "fixed_state":
+        d = metrics.fixed_state_direction(
+            v, metrics.find_adam_state(new_inner), learning_rate=eta, b1=b1,
+            b2=b2, eps=eps, previous=fixed_state_previous,
+            prev_state=metrics.find_adam_state(state.inner_state))
+      elif m == "linearized":
+        d = metrics.linearized_direction(update_of, grads, v)
+      else:
+        d = metrics.secant_direction(update_of, grads, u_g, u_0, v,
+                                     elementwise=elementwise, nodes=secant_nodes)
+      dirs.append(d)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *dirs)
+    local = capture.contract(factors, stacked)          # f32[B_local, E]
+
+    ids = example_ids.astype(jnp.int32)
+    if axis_name is not None:
+      if factors.scale != 1.0:   # mean reduction: 1/B_local -> 1/B_global
+        local = local / jax.lax.psum(1, axis_name)
+      local = jax.lax.all_gather(local, axis_name, tiled=True)
+      ids = jax.lax.all_gather(ids, axis_name, tiled=True)
+    step_vals = local if multi else local[:, 0]
+
+    error = _validate(ids, step_vals, num_examples)
+    ok = error == 0
+    credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
+    safe_ids = jnp.where(ok, ids, 0)
+    new_values = state.values.at[safe_ids].add(credit, mode="drop")
+    new_state = ShapleyState(
+        inner_state=new_inner,
+        values=new_values,
+        step_values=jnp.where(ok, step_vals, jnp.nan).astype(jnp.float32),
+        count=state.count + 1,
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+        error=state.error | error,
+    )
+    return u_g, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _validation_objective(val_loss, params) -> Callable:
+  out = jax.eval_shape(val_loss, params)
+  if not hasattr(out, "shape") or len(out.shape) != 1:
+    raise ValueError(
+        "val_loss(params) must return per-example validation losses of shape "
+        f"[V]; got {getattr(out, 'shape', type(out))}")
+  return lambda p: jnp.mean(val_loss(p).astype(jnp.float32))
+
+
+def _check_concrete_ids(ids, num_examples):
+  """Raises at once when the ids are concrete (not traced) and invalid."""
+  if isinstance(ids, jax.core.Tracer):
+    return
+  a = np.asarray(ids)
+  bad = a[(a < 0) | (a >= num_examples)]
+  if bad.size:
+    raise ValueError(f"example id {int(bad[0])} out of range [0, {num_examples})")
+  uniq, counts = np.unique(a, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f"example id {int(uniq[counts > 1][0])} appears more than "
+                     "once in the batch")
+
+
+def _validate(ids, step_vals, num_examples) -> jax.Array:
+  """In-graph checks; int32 bitmask, 0 when the step's credit is valid."""
+  out_of_range = jnp.any((ids < 0) | (ids >= num_examples))
+  s = jnp.sort(ids)
+  dup = jnp.any(s[1:] == s[:-1]) if ids.shape[0] > 1 else jnp.array(False)
+  non_finite = ~jnp.all(jnp.isfinite(step_vals))
+  return (out_of_range.astype(jnp.int32) * ERROR_ID_OUT_OF_RANGE
+          | dup.astype(jnp.int32) * ERROR_DUPLICATE_ID
+          | non_finite.astype(jnp.int32) * ERROR_NON_FINITE)
+
+
+def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+         *, num_examples: int, metric="secant", evaluation="midpoint",
+         **kwargs) -> optax.GradientTransformationExtraArgs:
+  """``optax.adam`` with in-run data Shapley values (see :func:`with_shapley`).
+
+  The updates are exactly ``optax.adam(learning_rate, b1, b2, eps)``'s.
+  """
+  return with_shapley(
+      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+      num_examples=num_examples, metric=metric, evaluation=evaluation,
+      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
+      **kwargs)
+
+
+def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+          weight_decay: float = 1e-4, *, num_examples: int, metric="secant",
+          evaluation="midpoint", mask=None,
+          **kwargs) -> optax.GradientTransformationExtraArgs:
+  """``optax.adamw`` with in-run data Shapley values (see :func:`with_shapley`).
+
+  Weight decay does not depend on the gradient, so it belongs to nobody:
+  it drops out of every metric (it is part of ``u(0)``).
+  """
+  return with_shapley(
+      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                  weight_decay=weight_decay, mask=mask),
+      num_examples=num_examples, metric=metric, evaluation=evaluation,
+      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
+      **kwargs)
+
+
+def sgd(learning_rate, momentum: float | None = None, nesterov: bool = False,
+        *, num_examples: int, metric="secant", evaluation="midpoint",
+        **kwargs) -> optax.GradientTransformationExtraArgs:
+  """``optax.sgd`` with in-run data Shapley values (see :func:`with_shapley`).
+
+  With ``metric="sgd", evaluation="start"`` and no momentum this is
+  first-order In-Run Data Shapley (Wang et al. 2024).
+  """
+  return with_shapley(
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+      num_examples=num_examples, metric=metric, evaluation=evaluation,
+      learning_rate=learning_rate, elementwise=True, **kwargs)
+
+
+def values(state: ShapleyState) -> jax.Array:
+  """Accumulated values ``Phi``: f32[num_examples] (``[N, E]`` for several
+  estimators).  Positive = the example lowered the validation loss."""
+  return _find(state).values
+
+
+def step_values(state: ShapleyState) -> jax.Array:
+  """The last step's values, f32[B] (or ``[B, E]``), aligned with its ids."""
+  return _find(state).step_values
+
+
+def check(state) -> None:
+  """Raises ``ValueError`` if any step's credit was skipped, naming why.
+
+  Values of the other steps are untouched; the skipped steps added nothing.
+  """
+  s = _find(state)
+  err, skipped = int(np.asarray(s.error).max()), int(np.asarray(s.skipped).max())
+  if err:
+    reasons = "; ".join(t for bit, t in _ERROR_TEXT.items() if err & bit)
+    raise ValueError(f"{skipped} step(s) were not credited: {reasons}. The "
+                     "values of the other steps are unaffected.")
+
+
+def _find(state) -> ShapleyState:
+  """The ShapleyState itself or the first one inside a chain's state."""
+  if isinstance(state, ShapleyState):
+    return state
+  found = [s for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, ShapleyState))
+           if isinstance(s, ShapleyState)]
+  if not found:
+    raise ValueError("no ShapleyState in this optimizer state")
+  return found[0]
