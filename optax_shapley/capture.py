@@ -96,6 +96,31 @@ class Factors:
             f"fallback_leaves={len(self.fallback_leaves)})")
 
 
+def _vma(x) -> tuple:
+  """The mesh axes along which ``x`` varies inside ``shard_map`` (else ())."""
+  typeof = getattr(jax, "typeof", None)
+  aval = typeof(x) if typeof is not None else None
+  axes = getattr(aval, "vma", None)                      # jax 0.6 - 0.10
+  if axes is None:                                       # jax >= 0.11
+    axes = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return tuple(sorted(axes or ()))
+
+
+def _varying(x, axes: tuple):
+  """``x`` marked as varying along ``axes`` (no-op outside ``shard_map``).
+
+  Under ``shard_map`` with ``check_vma``, a probe or cotangent created inside
+  the body is device-invariant; the transpose of its implicit broadcast is a
+  ``psum``, which would add the examples of all devices together.  Marking it
+  varying like the tensor it meets keeps per-example cotangents local.
+  """
+  if not axes:
+    return x
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(x, axes, to="varying")
+  return jax.lax.pvary(x, axes)
+
+
 def _flatten_call_args(args, kwargs):
   leaves, treedef = jax.tree.flatten((args, kwargs))
   arrays = tuple(x for x in leaves if _is_array(x))
@@ -158,6 +183,7 @@ def _discover(per_example_loss, params, args):
           key=key, module=module.clone(parent=None, name=module.name),
           method=method, owned=owned, out=jax.ShapeDtypeStruct(out.shape, out.dtype)
           if hasattr(out, "shape") else None,
+          vma=_vma(out) if hasattr(out, "shape") else (),
           in_shapes=tuple(x.shape for x in arrays), treedef=treedef,
           statics=statics, n=n))
       return out
@@ -241,8 +267,9 @@ def value_grad_and_factors(
     plans, fallback_leaves = _plan(records, batch, len(leaves), is_float)
     by_key = {p.key: p for p in plans}
     out_of = {r["key"]: r["out"] for r in records}
-    probes = {p.key: jnp.zeros(out_of[p.key].shape, out_of[p.key].dtype)
-              for p in plans}
+    vma_of = {r["key"]: r["vma"] for r in records}
+    probes = {p.key: _varying(jnp.zeros(out_of[p.key].shape, out_of[p.key].dtype),
+                              vma_of[p.key]) for p in plans}
 
     def probed(p, probes):
       counter = collections.Counter()
@@ -270,7 +297,7 @@ def value_grad_and_factors(
     if missing:
       raise RuntimeError(f"module calls seen while planning but not when "
                          f"differentiating: {sorted(missing)}")
-    cot = jnp.full(losses.shape, scale, losses.dtype)
+    cot = _varying(jnp.full(losses.shape, scale, losses.dtype), _vma(losses))
     grads, probe_cts = vjp_fn(cot)
     calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)
     fb = (params, args) if fallback_leaves else None

@@ -218,8 +218,8 @@ def with_shapley(
     if axis_name is not None:
       if factors.scale != 1.0:   # mean reduction: 1/B_local -> 1/B_global
         local = local / jax.lax.psum(1, axis_name)
-      local = jax.lax.all_gather(local, axis_name, tiled=True)
-      ids = jax.lax.all_gather(ids, axis_name, tiled=True)
+      local = _gather(local, axis_name)
+      ids = _gather(ids, axis_name)
     step_vals = local if multi else local[:, 0]
 
     error = _validate(ids, step_vals, num_examples)
@@ -238,6 +238,19 @@ def with_shapley(
     return u_g, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _gather(x, axis_name) -> jax.Array:
+  """Concatenates ``x`` over ``axis_name`` in device order, device-invariant.
+
+  A ``psum`` of one-hot blocks rather than ``all_gather``: under
+  ``shard_map`` with ``check_vma`` the result is then typed as replicated, so
+  the state can leave with ``out_specs=P()``.  Communication is O(B).
+  """
+  n = jax.lax.psum(1, axis_name)
+  i = jax.lax.axis_index(axis_name)
+  buf = jnp.zeros((n,) + x.shape, x.dtype).at[i].set(x)
+  return jax.lax.psum(buf, axis_name).reshape((n * x.shape[0],) + x.shape[1:])
 
 
 def _validation_objective(val_loss, params) -> Callable:

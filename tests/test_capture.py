@@ -1,0 +1,198 @@
+"""Capture and exact contraction against per-example gradients from vmap(grad)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_shapley as oxs
+
+B, T, D_IN, VOCAB = 5, 4, 6, 11
+
+
+class DenseFlat(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8)(x))
+    return nn.Dense(3, use_bias=False)(h)
+
+
+class DenseSeq(nn.Module):
+  @nn.compact
+  def __call__(self, x):              # x: [B, T, d]
+    h = jnp.tanh(nn.Dense(7)(x))
+    return nn.Dense(3)(h.mean(axis=1))
+
+
+class EmbedLN(nn.Module):
+  @nn.compact
+  def __call__(self, tok):            # tok: int[B, T]
+    h = nn.Embed(VOCAB, 8)(tok)
+    h = nn.LayerNorm()(h)
+    return nn.Dense(3)(h.sum(axis=1))
+
+
+class RawParam(nn.Module):
+  """Learned positions broadcast over the batch: the jvp fallback."""
+  @nn.compact
+  def __call__(self, x):              # x: [B, T, d]
+    pos = self.param("pos", nn.initializers.normal(0.5), (T, D_IN))
+    gain = self.param("gain", nn.initializers.ones, (1, T, 1))
+    h = nn.Dense(5)((x + pos) * gain)
+    return nn.Dense(3)(jnp.tanh(h).mean(axis=1))
+
+
+class Shared(nn.Module):
+  """One Dense called twice (weight sharing, a residual reuse)."""
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(D_IN)
+    h = jnp.tanh(dense(x))
+    h = x + dense(h)
+    return nn.Dense(3)(h)
+
+
+class Tied(nn.Module):
+  """Tied input/output embedding through Embed.attend."""
+  @nn.compact
+  def __call__(self, tok):
+    emb = nn.Embed(VOCAB, 8)
+    h = jnp.tanh(emb(tok)).mean(axis=1)
+    return emb.attend(nn.Dense(8)(h))
+
+
+class MoreLayers(nn.Module):
+  @nn.compact
+  def __call__(self, x):              # x: [B, T, d]
+    h = nn.DenseGeneral((2, 3))(x)    # [B, T, 2, 3]
+    h = nn.RMSNorm()(h.reshape(x.shape[0], T, 6))
+    h = nn.Conv(4, (3,), padding="SAME")(h)
+    return nn.DenseGeneral(3, axis=(-2, -1))(h)
+
+
+CASES = {
+    "dense_flat": (DenseFlat, "flat"),
+    "dense_seq": (DenseSeq, "seq"),
+    "embed_layernorm": (EmbedLN, "tokens"),
+    "raw_param_fallback": (RawParam, "seq"),
+    "shared_module": (Shared, "flat"),
+    "tied_embedding": (Tied, "tokens"),
+    "densegeneral_rmsnorm_conv": (MoreLayers, "seq"),
+}
+
+
+def _inputs(kind, key):
+  if kind == "flat":
+    return jax.random.normal(key, (B, D_IN))
+  if kind == "seq":
+    return jax.random.normal(key, (B, T, D_IN))
+  return jax.random.randint(key, (B, T), 0, VOCAB)
+
+
+def _setup(name):
+  cls, kind = CASES[name]
+  model = cls()
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  x = _inputs(kind, k1)
+  y = jax.random.randint(k2, (B,), 0, 3)
+  params = model.init(k3, x)["params"]
+
+  def per_example_loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x), y)
+
+  return params, per_example_loss, x, y
+
+
+def _reference_dots(per_example_loss, params, directions, x, y, scale):
+  """c * grad l_i . d_e from vmap(grad) over single-example batches."""
+  def one(xi, yi):
+    return jax.grad(lambda p: per_example_loss(p, xi[None], yi[None])[0])(params)
+  pe = jax.vmap(one)(x, y)
+  dots = sum(jnp.einsum("b...,e...->be", g, d)
+             for g, d in zip(jax.tree.leaves(pe), jax.tree.leaves(directions)))
+  return np.asarray(dots) * scale
+
+
+def _directions(params, num=3, seed=7):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, (num,) + x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_contraction_matches_vmap_grad(name, reduction):
+  params, pel, x, y = _setup(name)
+  losses, grads, factors = jax.jit(
+      oxs.value_grad_and_factors(pel, reduction=reduction))(params, x, y)
+  np.testing.assert_allclose(losses, pel(params, x, y), rtol=1e-6)
+  reduce = jnp.mean if reduction == "mean" else jnp.sum
+  ref_grads = jax.grad(lambda p: reduce(pel(p, x, y)))(params)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  d = _directions(params)
+  got = np.asarray(jax.jit(oxs.contract)(factors, d))
+  ref = _reference_dots(pel, params, d, x, y, 1.0 / B if reduction == "mean" else 1.0)
+  rel = np.abs(got - ref).max() / np.abs(ref).max()
+  assert rel <= 1e-5, rel
+
+
+def test_every_leaf_is_ruled_or_falls_back():
+  params, pel, x, y = _setup("raw_param_fallback")
+  _, _, factors = oxs.value_grad_and_factors(pel)(params, x, y)
+  names = [jax.tree_util.keystr(k) for k, _ in
+           jax.tree_util.tree_flatten_with_path(params)[0]]
+  fallback = {names[i] for i in factors.fallback_leaves}
+  assert fallback == {"['gain']", "['pos']"}
+  assert len(factors.plans) == 2
+
+
+def test_shared_module_keeps_one_record_per_call():
+  params, pel, x, y = _setup("shared_module")
+  _, _, factors = oxs.value_grad_and_factors(pel)(params, x, y)
+  keys = [p.key for p in factors.plans]
+  assert (("Dense_0",), "__call__", 0) in keys and (("Dense_0",), "__call__", 1) in keys
+  assert not factors.fallback_leaves
+
+
+def test_factors_cross_jit_boundary():
+  params, pel, x, y = _setup("embed_layernorm")
+  _, _, factors = jax.jit(oxs.value_grad_and_factors(pel))(params, x, y)
+  leaves, treedef = jax.tree.flatten(factors)
+  again = jax.tree.unflatten(treedef, leaves)
+  d = _directions(params, num=1)
+  np.testing.assert_allclose(oxs.contract(again, d), oxs.contract(factors, d))
+
+
+def test_batchnorm_in_training_mode_is_refused():
+  class BN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      return nn.Dense(2)(nn.BatchNorm(use_running_average=not train)(x))
+
+  model = BN()
+  x = jnp.ones((B, D_IN))
+  variables = model.init(jax.random.key(0), x, False)
+
+  def pel(p, x):
+    out, _ = model.apply({"params": p, "batch_stats": variables["batch_stats"]},
+                         x, True, mutable=["batch_stats"])
+    return out.sum(-1)
+
+  with pytest.raises(oxs.UnsupportedModuleError, match="BatchNorm"):
+    oxs.value_grad_and_factors(pel)(variables["params"], x)
+
+  def pel_eval(p, x):
+    return model.apply({"params": p, "batch_stats": variables["batch_stats"]},
+                       x, False).sum(-1)
+  oxs.value_grad_and_factors(pel_eval)(variables["params"], x)
+
+
+def test_loss_must_be_per_example():
+  params, pel, x, y = _setup("dense_flat")
+  with pytest.raises(ValueError, match=r"shape \[B\]"):
+    oxs.value_grad_and_factors(lambda p, x, y: pel(p, x, y).mean())(params, x, y)
