@@ -100,8 +100,8 @@ def _vma(x) -> tuple:
   """The mesh axes along which ``x`` varies inside ``shard_map`` (else ())."""
   typeof = getattr(jax, "typeof", None)
   aval = typeof(x) if typeof is not None else None
-  axes = getattr(aval, "vma", None)                      # jax 0.6 - 0.10
-  if axes is None:                                       # jax >= 0.11
+  axes = getattr(aval, "vma", None)                      # older jax
+  if axes is None:                                       # jax >= 0.10
     axes = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
   return tuple(sorted(axes or ()))
 
