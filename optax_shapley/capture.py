@@ -68,10 +68,11 @@ class Factors:
     params_treedef: static, tree structure of ``params``.
     batch_size: static, ``B`` (the local batch under data parallelism).
     scale: static, ``c``.
+    reduction: static, ``"mean"`` or ``"sum"``.
   """
 
   def __init__(self, calls, fallback, plans, fallback_leaves, loss_fn,
-               params_treedef, batch_size, scale):
+               params_treedef, batch_size, scale, reduction="mean"):
     self.calls = calls
     self.fallback = fallback
     self.plans = plans
@@ -80,10 +81,11 @@ class Factors:
     self.params_treedef = params_treedef
     self.batch_size = batch_size
     self.scale = scale
+    self.reduction = reduction
 
   def tree_flatten(self):
     aux = (self.plans, self.fallback_leaves, self.loss_fn, self.params_treedef,
-           self.batch_size, self.scale)
+           self.batch_size, self.scale, self.reduction)
     return (self.calls, self.fallback), aux
 
   @classmethod
@@ -119,6 +121,21 @@ def _varying(x, axes: tuple):
   if hasattr(jax.lax, "pcast"):
     return jax.lax.pcast(x, axes, to="varying")
   return jax.lax.pvary(x, axes)
+
+
+def _current_trace():
+  """The JAX trace active now (None if this JAX does not expose it).
+
+  A module called inside ``jax.lax.scan``, ``jax.vmap``, ``jax.checkpoint``
+  or a Flax lifted transform within the loss runs under an inner trace; its
+  inputs cannot leave as auxiliary outputs, so such calls are not probed and
+  their parameters go to the exact ``jax.jvp`` fallback.
+  """
+  try:
+    from jax._src import core as _core  # pylint: disable=g-import-not-at-top
+    return _core.trace_ctx.trace
+  except (ImportError, AttributeError):
+    return None
 
 
 def _flatten_call_args(args, kwargs):
@@ -162,10 +179,19 @@ def _discover(per_example_loss, params, args):
   """Traces the loss abstractly; returns (loss shape, call records)."""
   records = []
 
-  def fn(p):
+  arg_leaves, arg_def = jax.tree.flatten(args)
+  dynamic = [i for i, x in enumerate(arg_leaves)
+             if _is_array(x) or isinstance(x, jax.ShapeDtypeStruct)]
+
+  def fn(p, arrays):
+    full = list(arg_leaves)
+    for i, x in zip(dynamic, arrays):
+      full[i] = x
+    a = jax.tree.unflatten(arg_def, full)
     leaves = jax.tree.leaves(p)
     index = {id(x): i for i, x in enumerate(leaves)}
     counter = collections.Counter()
+    top = _current_trace()
 
     def interceptor(next_fun, call_args, call_kwargs, context):
       module, method = context.module, context.method_name
@@ -185,25 +211,48 @@ def _discover(per_example_loss, params, args):
           if hasattr(out, "shape") else None,
           vma=_vma(out) if hasattr(out, "shape") else (),
           in_shapes=tuple(x.shape for x in arrays), treedef=treedef,
-          statics=statics, n=n))
+          statics=statics, n=n, top_level=_current_trace() is top))
       return out
 
     with nn.intercept_methods(interceptor):
-      return per_example_loss(p, *args)
+      return per_example_loss(p, *a)
 
-  loss_shape = jax.eval_shape(fn, params)
+  loss_shape = jax.eval_shape(fn, params, [arg_leaves[i] for i in dynamic])
   return loss_shape, records
 
 
-def _plan(records, batch, num_leaves, leaf_is_float):
+def _batched_keys(per_example_loss, params, args, batch):
+  """Keys of the calls whose inputs and output really carry the batch axis.
+
+  A shape test alone mistakes data without a batch axis for per-example data
+  when its length happens to equal ``B`` (positions ``arange(T)`` with
+  ``T == B``).  So the loss is traced again, abstractly, with every batched
+  argument one example longer; a per-example call's leading axes follow.
+  Returns ``None`` when the loss cannot be traced at another batch size.
+  """
+  def grow(x):
+    if _is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch:
+      return jax.ShapeDtypeStruct((batch + 1,) + tuple(x.shape[1:]), x.dtype)
+    return x
+  try:
+    _, records = _discover(per_example_loss, params, jax.tree.map(grow, args))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return {r["key"] for r in records
+          if r["out"] is not None and r["out"].shape[:1] == (batch + 1,)
+          and all(s[:1] == (batch + 1,) for s in r["in_shapes"])}
+
+
+def _plan(records, batch, num_leaves, leaf_is_float, batched_keys=None):
   """Chooses which calls get probes; the rest of the leaves fall back."""
   valid, tainted = [], set()
   for r in records:
     matched = [i for _, i in r["owned"] if i is not None]
-    ok = (bool(r["owned"]) and len(matched) == len(r["owned"])
+    ok = (r["top_level"] and bool(r["owned"]) and len(matched) == len(r["owned"])
           and r["out"] is not None and r["out"].shape[:1] == (batch,)
           and jnp.issubdtype(r["out"].dtype, jnp.inexact)
-          and all(s[:1] == (batch,) for s in r["in_shapes"]))
+          and all(s[:1] == (batch,) for s in r["in_shapes"])
+          and (batched_keys is None or r["key"] in batched_keys))
     if ok:
       valid.append(r)
     else:
@@ -264,7 +313,8 @@ def value_grad_and_factors(
     batch = loss_shape.shape[0]
     scale = 1.0 / batch if reduction == "mean" else 1.0
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-    plans, fallback_leaves = _plan(records, batch, len(leaves), is_float)
+    batched = _batched_keys(per_example_loss, params, args, batch)
+    plans, fallback_leaves = _plan(records, batch, len(leaves), is_float, batched)
     by_key = {p.key: p for p in plans}
     out_of = {r["key"]: r["out"] for r in records}
     vma_of = {r["key"]: r["vma"] for r in records}
@@ -302,7 +352,7 @@ def value_grad_and_factors(
     calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)
     fb = (params, args) if fallback_leaves else None
     factors = Factors(calls, fb, plans, fallback_leaves, per_example_loss,
-                      treedef, batch, scale)
+                      treedef, batch, scale, reduction)
     return losses, grads, factors
 
   return fn

@@ -26,11 +26,21 @@ from optax_shapley import capture, metrics
 ERROR_ID_OUT_OF_RANGE = 1
 ERROR_DUPLICATE_ID = 2
 ERROR_NON_FINITE = 4
+ERROR_CAPTURE_MISMATCH = 8
+# sum_i x_i . d must equal grads . d (the x_i add up to the batch gradient);
+# a larger relative gap means the capture missed a use of some parameter.
+CAPTURE_RTOL = 1e-2
 _ERROR_TEXT = {
     ERROR_ID_OUT_OF_RANGE: "an example id was out of range [0, num_examples)",
     ERROR_DUPLICATE_ID: "an example id appeared twice in one batch",
     ERROR_NON_FINITE: ("a step value was NaN or infinite (NaN/inf loss, "
                        "gradient or validation loss)"),
+    ERROR_CAPTURE_MISMATCH: (
+        "the per-example values did not add up to grads . d: the grads passed "
+        "to update are not the gradient of the batch the factors came from, or "
+        "the model uses a parameter outside the module calls the capture saw "
+        "(e.g. an L2 penalty or a kernel read directly); please report the "
+        "model"),
 }
 
 
@@ -216,13 +226,13 @@ def with_shapley(
 
     ids = example_ids.astype(jnp.int32)
     if axis_name is not None:
-      if factors.scale != 1.0:   # mean reduction: 1/B_local -> 1/B_global
+      if factors.reduction == "mean":   # 1/B_local -> 1/B_global
         local = local / jax.lax.psum(1, axis_name)
       local = _gather(local, axis_name)
       ids = _gather(ids, axis_name)
     step_vals = local if multi else local[:, 0]
 
-    error = _validate(ids, step_vals, num_examples)
+    error = _validate(ids, step_vals, num_examples) | _check_sum(local, grads, stacked)
     ok = error == 0
     credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
     safe_ids = jnp.where(ok, ids, 0)
@@ -274,6 +284,21 @@ def _check_concrete_ids(ids, num_examples):
   if (counts > 1).any():
     raise ValueError(f"example id {int(uniq[counts > 1][0])} appears more than "
                      "once in the batch")
+
+
+def _check_sum(step_vals, grads, directions) -> jax.Array:
+  """``ERROR_CAPTURE_MISMATCH`` unless ``sum_i x_i . d_e = g . d_e`` for all e.
+
+  The per-example shares ``x_i`` sum to the batch gradient ``g``, so the
+  values of a step must sum to ``g . d``; one dot product per estimator.
+  """
+  expected = sum(
+      jnp.tensordot(d, g.astype(jnp.float32), axes=g.ndim)
+      for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(directions)))
+  total = jnp.sum(step_vals, axis=0)
+  size = jnp.sum(jnp.abs(step_vals), axis=0) + jnp.abs(expected)
+  bad = jnp.any(jnp.abs(total - expected) > CAPTURE_RTOL * size)
+  return bad.astype(jnp.int32) * ERROR_CAPTURE_MISMATCH
 
 
 def _validate(ids, step_vals, num_examples) -> jax.Array:

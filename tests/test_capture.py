@@ -196,3 +196,55 @@ def test_loss_must_be_per_example():
   params, pel, x, y = _setup("dense_flat")
   with pytest.raises(ValueError, match=r"shape \[B\]"):
     oxs.value_grad_and_factors(lambda p, x, y: pel(p, x, y).mean())(params, x, y)
+
+
+class PosEmbed(nn.Module):
+  """Positions arange(T) through an nn.Embed, broadcast over the batch."""
+  @nn.compact
+  def __call__(self, x):              # x: [B, T, d]
+    pos = nn.Embed(T, D_IN)(jnp.arange(x.shape[1]))
+    return nn.Dense(3)(jnp.tanh(x + pos).mean(axis=1))
+
+
+def test_unbatched_call_with_length_equal_to_batch_falls_back():
+  """T == B must not make the position table look per-example."""
+  model = PosEmbed()
+  x = jax.random.normal(jax.random.key(1), (T, T, D_IN))      # B == T
+  y = jnp.arange(T) % 3
+  params = model.init(jax.random.key(2), x)["params"]
+  pel = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y)
+  _, _, factors = oxs.value_grad_and_factors(pel)(params, x, y)
+  assert len(factors.fallback_leaves) == 1       # the position table
+  d = _directions(params)
+  ref = _reference_dots(pel, params, d, x, y, 1.0 / T)
+  got = np.asarray(oxs.contract(factors, d))
+  assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("inner", ["lax_scan", "vmap", "checkpoint"])
+def test_module_inside_an_inner_transform_falls_back(inner):
+  """A Dense applied inside lax.scan / vmap / checkpoint within the loss."""
+  dense = nn.Dense(D_IN)
+  head = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(3), (B, D_IN))
+  y = jnp.arange(B) % 3
+  params = {"dense": dense.init(jax.random.key(4), x)["params"],
+            "head": head.init(jax.random.key(5), x)["params"]}
+
+  def pel(p, x, y):
+    f = lambda h: jnp.tanh(dense.apply({"params": p["dense"]}, h))
+    if inner == "lax_scan":
+      h, _ = jax.lax.scan(lambda h, _: (f(h), None), x, None, length=2)
+    elif inner == "vmap":
+      h = jax.vmap(f)(x)
+    else:
+      h = jax.checkpoint(f)(x)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        head.apply({"params": p["head"]}, h), y)
+
+  _, _, factors = jax.jit(oxs.value_grad_and_factors(pel))(params, x, y)
+  d = _directions(params)
+  ref = _reference_dots(pel, params, d, x, y, 1.0 / B)
+  got = np.asarray(oxs.contract(factors, d))
+  assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5

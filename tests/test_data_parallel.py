@@ -158,3 +158,25 @@ def test_data_parallel_matches_single_device(mode, metric, evaluation):
   np.testing.assert_allclose(v, v_ref, rtol=0,
                              atol=(STEP1_REL[metric] + 2 * LATER_REL)
                              * np.abs(v_ref).max())
+
+
+def test_one_example_per_device_is_rescaled():
+  """B_local = 1 with a mean loss: 1/B_local is 1, yet the values must still
+  be divided by the device count (regression: the mean/sum test used the
+  scale, which is 1 in both cases here)."""
+  x, y, ids = X[0, :DEVICES], Y[0, :DEVICES], IDS[0, :DEVICES]
+  tx1 = oxs.adam(1e-2, num_examples=N, batch_size=DEVICES)
+  _, g, f = oxs.value_grad_and_factors(per_example_loss)(PARAMS, x, y)
+  single = oxs.step_values(tx1.update(g, tx1.init(PARAMS), PARAMS, factors=f,
+                                      example_ids=ids, val_loss=val_loss)[1])
+  txp = oxs.adam(1e-2, num_examples=N, batch_size=DEVICES, axis_name="d")
+
+  @partial(jax.pmap, axis_name="d", in_axes=(None, None, 0, 0, 0))
+  def step(p, st, x, y, ids):
+    _, g, f = oxs.value_grad_and_factors(per_example_loss)(p, x, y)
+    g = jax.lax.pmean(g, "d")
+    return txp.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)[1]
+
+  st = step(PARAMS, txp.init(PARAMS), x[:, None], y[:, None], ids[:, None])
+  np.testing.assert_allclose(oxs.step_values(st)[0], single, rtol=2e-4,
+                             atol=1e-6 * float(np.abs(single).max()))

@@ -496,3 +496,35 @@ def test_no_nan_where_vhat_is_zero(problem, metric, evaluation):
       np.testing.assert_allclose(sv.sum(), ref, rtol=1e-3)
     params = new_params
   oxs.check(state)
+
+
+def test_parameter_used_outside_the_captured_calls_is_reported():
+  """An L2 penalty inside the per-example loss reads the Dense kernel
+  directly; the capture cannot see that use, so the step is not credited
+  and check() says why, instead of returning wrong values."""
+  import flax.linen as nn
+  model = nn.Dense(3)
+  x = jax.random.normal(jax.random.key(0), (4, 5))
+  y = jnp.arange(4) % 3
+  params = model.init(jax.random.key(1), x)["params"]
+
+  def pel(p, x, y):
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x), y)
+    return ce + 0.5 * jnp.sum(p["kernel"] ** 2)
+
+  val_loss = lambda p: pel(p, x, y)
+  tx = oxs.adam(1e-2, num_examples=10, batch_size=4)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    _, g, f = oxs.value_grad_and_factors(pel)(p, x, y)
+    return tx.update(g, s, p, factors=f, example_ids=jnp.arange(4),
+                     val_loss=val_loss)[1]
+
+  state = step(params, state)
+  assert int(state.skipped) == 1
+  np.testing.assert_array_equal(oxs.values(state), 0.0)
+  with pytest.raises(ValueError, match="did not add up"):
+    oxs.check(state)
