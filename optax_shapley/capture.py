@@ -12,7 +12,9 @@ outputs of the vjp'd function.
 Parameters not owned by a supported call (a raw ``self.param``, a custom
 layer, a module inside a lifted transform such as ``nn.scan``) are contracted
 exactly by forward-mode ``jax.jvp`` of the per-example losses along the
-direction restricted to those leaves.  No parameter is ever dropped.
+direction restricted to those leaves.  A use of an owned parameter that the
+interceptors cannot see (an L2 penalty on a Dense kernel inside the loss) is
+caught by the transformation's add-up check, ``sum_i x_i . d = g . d``.
 """
 
 from __future__ import annotations
