@@ -123,9 +123,10 @@ def with_shard_map(metric, evaluation):
 # depend on 1 / (|g| + eps) and so on the float32 rounding of the smallest
 # coordinates of the batch gradient, which the data-parallel reduction
 # (a mean of local means) rounds differently from one device: measured
-# ~5e-6 for secant and fixed_state, ~2e-3 for linearized (du/dg ~ eps / g^2);
+# ~5e-6 for secant and fixed_state, ~2e-3 (jax 0.12) to ~2e-2 (jax 0.10.2) for
+# linearized (du/dg ~ eps / g^2 at sign descent: float32 noise, not a bug);
 # sgd (no 1/g) agrees to 1e-8 there too.
-STEP1_REL = {"secant": 2e-5, "fixed_state": 2e-5, "linearized": 1e-2,
+STEP1_REL = {"secant": 2e-5, "fixed_state": 2e-5, "linearized": 5e-2,
              "sgd": 1e-6}
 LATER_REL = 1e-6
 
