@@ -33,6 +33,10 @@ from optax_shapley import layers
 _REDUCTIONS = ("mean", "sum")
 
 
+def _scale(reduction: str, batch: int) -> float:
+  return 1.0 / batch if reduction == "mean" else 1.0
+
+
 def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic)) or isinstance(
       x, jax.core.Tracer)
@@ -69,12 +73,11 @@ class Factors:
     loss_fn: static, the per-example loss (for the fallback).
     params_treedef: static, tree structure of ``params``.
     batch_size: static, ``B`` (the local batch under data parallelism).
-    scale: static, ``c``.
     reduction: static, ``"mean"`` or ``"sum"``.
   """
 
   def __init__(self, calls, fallback, plans, fallback_leaves, loss_fn,
-               params_treedef, batch_size, scale, reduction="mean"):
+               params_treedef, batch_size, reduction):
     self.calls = calls
     self.fallback = fallback
     self.plans = plans
@@ -82,12 +85,16 @@ class Factors:
     self.loss_fn = loss_fn
     self.params_treedef = params_treedef
     self.batch_size = batch_size
-    self.scale = scale
     self.reduction = reduction
+
+  @property
+  def scale(self) -> float:
+    """``c``: ``1/B`` for a mean reduction, ``1`` for a sum."""
+    return _scale(self.reduction, self.batch_size)
 
   def tree_flatten(self):
     aux = (self.plans, self.fallback_leaves, self.loss_fn, self.params_treedef,
-           self.batch_size, self.scale, self.reduction)
+           self.batch_size, self.reduction)
     return (self.calls, self.fallback), aux
 
   @classmethod
@@ -138,6 +145,14 @@ def _current_trace():
     return _core.trace_ctx.trace
   except (ImportError, AttributeError):
     return None
+
+
+def _call_key(counter: collections.Counter, module: nn.Module, method: str):
+  """``(module path, method, call index)``: the same in every trace of a loss."""
+  path = tuple(module.path)
+  key = (path, method, counter[(path, method)])
+  counter[(path, method)] += 1
+  return key
 
 
 def _flatten_call_args(args, kwargs):
@@ -200,9 +215,7 @@ def _discover(per_example_loss, params, args):
       layers.check_no_batch_mixing(module, method, call_kwargs)
       if not layers.is_supported(module, method):
         return next_fun(*call_args, **call_kwargs)
-      path = tuple(module.path)
-      key = (path, method, counter[(path, method)])
-      counter[(path, method)] += 1
+      key = _call_key(counter, module, method)
       owned = tuple((name, index.get(id(x)))
                     for name, x in _param_paths(module.variables.get("params", {})))
       out = next_fun(*call_args, **call_kwargs)
@@ -313,7 +326,6 @@ def value_grad_and_factors(
           "per_example_loss must return one loss per example, shape [B]; got "
           f"shape {loss_shape.shape}")
     batch = loss_shape.shape[0]
-    scale = 1.0 / batch if reduction == "mean" else 1.0
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
     batched = _batched_keys(per_example_loss, params, args, batch)
     plans, fallback_leaves = _plan(records, batch, len(leaves), is_float, batched)
@@ -331,9 +343,7 @@ def value_grad_and_factors(
         module, method = context.module, context.method_name
         if not layers.is_supported(module, method):
           return next_fun(*call_args, **call_kwargs)
-        path = tuple(module.path)
-        key = (path, method, counter[(path, method)])
-        counter[(path, method)] += 1
+        key = _call_key(counter, module, method)
         out = next_fun(*call_args, **call_kwargs)
         if key not in by_key:
           return out
@@ -349,12 +359,13 @@ def value_grad_and_factors(
     if missing:
       raise RuntimeError(f"module calls seen while planning but not when "
                          f"differentiating: {sorted(missing)}")
-    cot = _varying(jnp.full(losses.shape, scale, losses.dtype), _vma(losses))
+    cot = _varying(jnp.full(losses.shape, _scale(reduction, batch), losses.dtype),
+                   _vma(losses))
     grads, probe_cts = vjp_fn(cot)
     calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)
     fb = (params, args) if fallback_leaves else None
     factors = Factors(calls, fb, plans, fallback_leaves, per_example_loss,
-                      treedef, batch, scale, reduction)
+                      treedef, batch, reduction)
     return losses, grads, factors
 
   return fn

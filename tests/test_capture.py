@@ -162,10 +162,11 @@ def test_shared_module_keeps_one_record_per_call():
 def test_factors_cross_jit_boundary():
   params, pel, x, y = _setup("embed_layernorm")
   _, _, factors = jax.jit(oxs.value_grad_and_factors(pel))(params, x, y)
-  leaves, treedef = jax.tree.flatten(factors)
-  again = jax.tree.unflatten(treedef, leaves)
   d = _directions(params, num=1)
-  np.testing.assert_allclose(oxs.contract(again, d), oxs.contract(factors, d))
+  # Factors returned from one jit and contracted in another.
+  got = np.asarray(jax.jit(oxs.contract)(factors, d))
+  ref = _reference_dots(pel, params, d, x, y, 1.0 / B)
+  assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
 
 
 def test_batchnorm_in_training_mode_is_refused():

@@ -57,6 +57,15 @@ def shard(a):
   return a.reshape((DEVICES, -1) + a.shape[1:])
 
 
+def _run_global_batches(step, tx):
+  """Runs STEPS steps on the global batches; (values, step_values) per step."""
+  p, st, out = PARAMS, tx.init(PARAMS), []
+  for t in range(STEPS):
+    p, st = step(p, st, X[t], Y[t], IDS[t])
+    out.append((np.asarray(oxs.values(st)), np.asarray(oxs.step_values(st))))
+  return out
+
+
 def single_device(metric, evaluation):
   tx = make_tx(metric, evaluation)
 
@@ -66,11 +75,7 @@ def single_device(metric, evaluation):
     u, st = tx.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)
     return optax.apply_updates(p, u), st
 
-  p, st, out = PARAMS, tx.init(PARAMS), []
-  for t in range(STEPS):
-    p, st = step(p, st, X[t], Y[t], IDS[t])
-    out.append((np.asarray(oxs.values(st)), np.asarray(oxs.step_values(st))))
-  return out
+  return _run_global_batches(step, tx)
 
 
 def with_pmap(metric, evaluation):
@@ -111,11 +116,7 @@ def with_shard_map(metric, evaluation):
     u, st = tx.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)
     return optax.apply_updates(p, u), st
 
-  p, st, out = PARAMS, tx.init(PARAMS), []
-  for t in range(STEPS):
-    p, st = step(p, st, X[t], Y[t], IDS[t])
-    out.append((np.asarray(oxs.values(st)), np.asarray(oxs.step_values(st))))
-  return out
+  return _run_global_batches(step, tx)
 
 
 # Tolerances, relative to the scale of the values (max |values|).  Steps 2 and
