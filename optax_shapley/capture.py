@@ -416,8 +416,42 @@ def _fallback_contract(factors: Factors, d_leaves) -> jax.Array:
 
   def one(tangent):
     tangent = tuple(t.astype(p.dtype) for t, p in zip(tangent, primals))
-    return jax.jvp(loss_of, (primals,), (tangent,))[1]
+    # A tangent that varies over a shard_map axis needs a primal that does.
+    prim = tuple(_varying(p, tuple(sorted(set(_vma(t)) - set(_vma(p)))))
+                 for p, t in zip(primals, tangent))
+    return jax.jvp(loss_of, (prim,), (tangent,))[1]
 
   tangents = tuple(d_leaves[i] for i in fb)
   out = jax.vmap(one, out_axes=1)(tangents)
   return out.astype(jnp.float32) * factors.scale
+
+
+def per_example_grads(factors: Factors, like: Any) -> Any:
+  """The per-example gradient shares ``x_i = c * grad l_i(w)``, formed.
+
+  ``x_i . d`` (:func:`contract`) is linear in ``d``, so its reverse-mode
+  Jacobian with respect to ``d`` *is* the stack of per-example gradients: one
+  transposed contraction per example, through the same layer rules and the
+  same forward-mode fallback.  Costs about ``B`` backward passes of the
+  weight gradients and ``B`` times the parameters' memory; used by estimators
+  that are not linear in ``x_i`` (the ``"removal"`` metric), not by the
+  ghost path.
+
+  Args:
+    factors: from :func:`value_grad_and_factors`.
+    like: a tree like ``params`` (e.g. the batch gradient), for shapes.
+
+  Returns:
+    A tree like ``params`` whose leaves are f32[B, *leaf.shape]; zeros for
+    leaves that no call or fallback owns (non-float or unused).
+  """
+  # Under shard_map the direction must vary like the factors: the transpose
+  # of a device-invariant input is a psum, which would add the devices' x_i.
+  axes = tuple(sorted({a for x in jax.tree.leaves((factors.calls, factors.fallback))
+                       for a in _vma(x)}))
+  zeros = jax.tree.map(
+      lambda x: _varying(jnp.zeros(jnp.shape(x), jnp.float32), axes), like)
+  expand = lambda d: jax.tree.map(lambda x: x[None], d)
+  _, vjp = jax.vjp(lambda d: contract(factors, expand(d))[:, 0], zeros)
+  basis = _varying(jnp.eye(factors.batch_size, dtype=jnp.float32), axes)
+  return jax.vmap(lambda e: vjp(e)[0])(basis)

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-METRICS = ("sgd", "fixed_state", "linearized", "secant")
+METRICS = ("sgd", "fixed_state", "linearized", "secant", "removal")
+# Metrics whose value is x_i . d for a direction d (the rest are nonlinear in x_i).
+LINEAR_METRICS = ("sgd", "fixed_state", "linearized", "secant")
 EVALUATIONS = ("start", "midpoint", "end")
 
 UpdateFn = Callable[[Any], Any]   # g -> u(g), the inner step with state frozen
@@ -158,6 +160,42 @@ def secant_direction(update_fn: UpdateFn, g, u_g, u_0, val_grad, *,
     return jnp.where(jnp.isfinite(metric), -metric * v, 0)
 
   return jax.tree.map(one, g, u_g, u_0, deriv, val_grad)
+
+
+def removal_values(update_fn: UpdateFn, g, u_g, per_example, val_grad, *,
+                   batch_size: int = 16) -> jax.Array:
+  """Exact removal of each example from the optimizer step, first order in L.
+
+  ``phi_i = grad L(wbar) . (u(g - x_i) - u(g))``: how much the validation
+  loss would rise if example ``i``'s share ``x_i`` were taken out of this
+  step's gradient, with the optimizer's response computed exactly (Adam's
+  second moment included) rather than through its Jacobian.  With
+  ``evaluation="end"`` this is leave-one-out ``U(B) - U(B minus {i})`` to first
+  order in the validation loss only; :func:`linearized_direction` is its
+  first-order expansion in ``x_i`` as well, which is loose where ``x_i`` is
+  comparable to ``g`` under Adam (early steps, coordinates that are rarely
+  non-zero).
+
+  Needs the per-example gradients (``B`` times the parameters' memory) and
+  ``B`` optimizer updates, mapped ``batch_size`` at a time; any optax update.
+
+  Args:
+    update_fn: ``g -> u(g)``, the inner update with the state frozen.
+    g: the batch gradient; ``u_g = update_fn(g)``.
+    per_example: tree like ``g`` with leaves ``[B, ...]``, the shares ``x_i``
+      (summing to ``g``).
+    val_grad: ``grad L(wbar)``.
+
+  Returns:
+    f32[B]; positive = removing the example would raise the validation loss.
+  """
+  def one(x_i):
+    u_i = update_fn(jax.tree.map(lambda a, b: a - b.astype(a.dtype), g, x_i))
+    return sum(jnp.vdot(v.astype(jnp.float32), (a - b).astype(jnp.float32))
+               for v, a, b in zip(jax.tree.leaves(val_grad), jax.tree.leaves(u_i),
+                                  jax.tree.leaves(u_g)))
+
+  return jax.lax.map(one, per_example, batch_size=batch_size)
 
 
 def evaluation_point(name: str, params, u_g, u_0=None):

@@ -125,8 +125,11 @@ def with_shapley(
     inner: any optax transformation (the optimizer).
     num_examples: ``N``, the size of the values table.
     metric: ``"secant"`` (default), ``"linearized"``, ``"fixed_state"`` (the
-      paper's method, Adam only) or ``"sgd"`` (In-Run Data Shapley
-      baseline); a tuple tracks several estimators in one run.
+      paper's method, Adam only), ``"sgd"`` (In-Run Data Shapley baseline)
+      or ``"removal"`` (each example's share taken out of the real update,
+      :func:`optax_shapley.metrics.removal_values`; with ``"end"``,
+      leave-one-out; forms per-example gradients, so it costs ``B`` times
+      the parameters' memory); a tuple tracks several estimators in one run.
     evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
       pairs with ``metric`` (a single name is broadcast).
     batch_size: the (global) batch size ``B``, to size ``step_values`` at
@@ -205,8 +208,10 @@ def with_shapley(
 
     eta = (metrics.learning_rate_at(learning_rate, state.count)
            if learning_rate is not None else None)
+    linear = [k for k, (m, _) in enumerate(ests) if m in metrics.LINEAR_METRICS]
     dirs = []
-    for m, e in ests:
+    for k in linear:
+      m, e = ests[k]
       v = val_grads[e]
       if m == "sgd":
         d = metrics.sgd_direction(v, learning_rate=eta)
@@ -221,18 +226,33 @@ def with_shapley(
         d = metrics.secant_direction(update_of, grads, u_g, u_0, v,
                                      elementwise=elementwise, nodes=secant_nodes)
       dirs.append(d)
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *dirs)
-    local = capture.contract(factors, stacked)          # f32[B_local, E]
+    # Under data parallelism x_i carries 1/B_local for a mean; 1/B_global wanted.
+    dp_mean = axis_name is not None and factors.reduction == "mean"
+    n_dev = jax.lax.psum(1, axis_name) if dp_mean else 1
+    columns = [None] * num_est
+    mismatch = jnp.zeros([], jnp.int32)
+    if dirs:
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *dirs)
+      lin = capture.contract(factors, stacked) / n_dev    # f32[B_local, E_lin]
+      for j, k in enumerate(linear):
+        columns[k] = lin[:, j]
+      mismatch = _check_sum(lin, grads, stacked, axis_name)
+    if len(linear) < num_est:
+      shares = jax.tree.map(lambda x: x / n_dev,
+                            capture.per_example_grads(factors, grads))
+      for k, (m, e) in enumerate(ests):
+        if m == "removal":
+          columns[k] = metrics.removal_values(update_of, grads, u_g, shares,
+                                              val_grads[e])
+    local = jnp.stack(columns, axis=1)                    # f32[B_local, E]
 
     ids = example_ids.astype(jnp.int32)
     if axis_name is not None:
-      if factors.reduction == "mean":   # 1/B_local -> 1/B_global
-        local = local / jax.lax.psum(1, axis_name)
       local = _gather(local, axis_name)
       ids = _gather(ids, axis_name)
     step_vals = local if multi else local[:, 0]
 
-    error = _validate(ids, step_vals, num_examples) | _check_sum(local, grads, stacked)
+    error = _validate(ids, step_vals, num_examples) | mismatch
     ok = error == 0
     credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
     safe_ids = jnp.where(ok, ids, 0)
@@ -286,17 +306,21 @@ def _check_concrete_ids(ids, num_examples):
                      "once in the batch")
 
 
-def _check_sum(step_vals, grads, directions) -> jax.Array:
+def _check_sum(step_vals, grads, directions, axis_name=None) -> jax.Array:
   """``ERROR_CAPTURE_MISMATCH`` unless ``sum_i x_i . d_e = g . d_e`` for all e.
 
   The per-example shares ``x_i`` sum to the batch gradient ``g``, so the
   values of a step must sum to ``g . d``; one dot product per estimator.
+  ``step_vals`` f32[B_local, E]; sums run over ``axis_name`` when given.
   """
   expected = sum(
       jnp.tensordot(d, g.astype(jnp.float32), axes=g.ndim)
       for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(directions)))
   total = jnp.sum(step_vals, axis=0)
-  size = jnp.sum(jnp.abs(step_vals), axis=0) + jnp.abs(expected)
+  size = jnp.sum(jnp.abs(step_vals), axis=0)
+  if axis_name is not None:
+    total, size = jax.lax.psum((total, size), axis_name)
+  size = size + jnp.abs(expected)
   bad = jnp.any(jnp.abs(total - expected) > CAPTURE_RTOL * size)
   return bad.astype(jnp.int32) * ERROR_CAPTURE_MISMATCH
 

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import optax_shapley as oxs
+from optax_shapley import capture
 
 B, T, D_IN, VOCAB = 5, 4, 6, 11
 
@@ -139,6 +140,22 @@ def test_contraction_matches_vmap_grad(name, reduction):
   ref = _reference_dots(pel, params, d, x, y, 1.0 / B if reduction == "mean" else 1.0)
   rel = np.abs(got - ref).max() / np.abs(ref).max()
   assert rel <= 1e-5, rel
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_per_example_grads_from_factors_match_vmap_grad(name):
+  """The Jacobian of the contraction is the per-example gradient, x_i."""
+  params, pel, x, y = _setup(name)
+  _, grads, factors = oxs.value_grad_and_factors(pel)(params, x, y)
+  got = jax.jit(capture.per_example_grads)(factors, grads)
+
+  def one(xi, yi):
+    return jax.grad(lambda p: pel(p, xi[None], yi[None])[0])(params)
+  ref = jax.vmap(one)(x, y)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    assert g.shape == r.shape and g.dtype == jnp.float32
+    np.testing.assert_allclose(g, r / B, rtol=0,
+                               atol=1e-5 * float(np.abs(r / B).max()))
 
 
 def test_every_leaf_is_ruled_or_falls_back():

@@ -460,7 +460,8 @@ def _sparse_embed_problem():
 
 @pytest.mark.parametrize("problem", ["zero_columns", "sparse_embed"])
 @pytest.mark.parametrize("metric, evaluation", [
-    ("linearized", "end"), ("linearized", "midpoint"), ("secant", "midpoint")])
+    ("linearized", "end"), ("linearized", "midpoint"), ("secant", "midpoint"),
+    ("removal", "end")])
 def test_no_nan_where_vhat_is_zero(problem, metric, evaluation):
   model, xs, xv, key = (_zero_column_problem if problem == "zero_columns"
                         else _sparse_embed_problem)()
@@ -528,3 +529,40 @@ def test_parameter_used_outside_the_captured_calls_is_reported():
   np.testing.assert_array_equal(oxs.values(state), 0.0)
   with pytest.raises(ValueError, match="did not add up"):
     oxs.check(state)
+
+
+# ---------------------------------------------------------------------------
+# The removal metric: each example's share taken out of the real update.
+
+
+def removal_reference(inner, inner_state, params, pel, x, y, vl):
+  """grad L(w + u(g)) . (u(g - x_i) - u(g)) per example, float64."""
+  pe = truth.per_example_grads(pel, params, x, y)
+  with truth.enable_x64():
+    p64, s64 = _f64(params), _f64(inner_state)
+    b = x.shape[0]
+    upd = lambda g: inner.update(g, s64, p64)[0]
+    g = jax.tree.map(lambda a: a.mean(0), pe)
+    u_g = upd(g)
+    v = jax.grad(lambda p: jnp.mean(vl(p)))(optax.apply_updates(p64, u_g))
+
+    def one(pe_i):
+      u_i = upd(jax.tree.map(lambda a, c: a - c / b, g, pe_i))
+      return tree_dot(v, jax.tree.map(jnp.subtract, u_i, u_g))
+
+    return np.asarray(jax.vmap(one)(pe))
+
+
+@pytest.mark.parametrize("name", ["adam", "clip_then_adam"])
+def test_removal_metric_takes_the_example_out_of_the_real_update(name):
+  inner = optax.adam(LR) if name == "adam" else _chain()
+  tx = oxs.with_shapley(inner, num_examples=N, metric=("removal", "linearized"),
+                        evaluation="end", batch_size=B)
+  prev_inner = inner.init(PARAMS)
+  for params, state, ids in run(tx, 3):
+    x, y, _ = batch(ids)
+    ref = removal_reference(inner, prev_inner, params, per_example_loss, x, y,
+                            val_loss)
+    scaled_close(oxs.step_values(state)[:, 0], ref, 1e-4)   # f32 u(g-x)-u(g): ~7e-6
+    prev_inner = state.inner_state
+    assert int(state.skipped) == 0
