@@ -15,7 +15,7 @@ import pytest
 import optax_shapley as oxs
 from optax_shapley import data, models, truth
 
-B, LR, STEPS = 10, 1e-3, (3, 6, 21)
+B, LR, STEPS = 10, 1e-3, (3, 6, 21, 51)
 ESTIMATORS = (("secant", "midpoint"), ("linearized", "end"),
               ("fixed_state", "start"), ("sgd", "start"), ("removal", "end"))
 
@@ -90,7 +90,8 @@ def test_linearized_end_matches_leave_one_out(run, t):
   (inputs that are rarely non-zero: Adam's vhat there is one example's), and
   Adam's update is nonlinear in the gradient, so the Jacobian is looser at
   the earliest steps: measured R 0.981 at t=3 and t=6, 0.994 at t=11, 0.9991
-  at t=21, 0.995 at t=101, while exact removal (above) gives 0.9999 at each,
+  at t=21, 0.9997 at t=51, 0.995 at t=101, while exact removal (above) gives
+  0.9999 at each,
   so the gap is the optimizer's nonlinearity, not the loss's curvature."""
   r = _r(run[t]["values"][:, 1], run[t]["loo"])
   assert r >= (0.999 if t >= 21 else 0.97), r
