@@ -213,6 +213,14 @@ def _discover(per_example_loss, params, args):
     def interceptor(next_fun, call_args, call_kwargs, context):
       module, method = context.module, context.method_name
       layers.check_no_batch_mixing(module, method, call_kwargs)
+      if layers.draws_batch_mask(module, method, call_args, call_kwargs):
+        key = _call_key(counter, module, method)
+        out = next_fun(*call_args, **call_kwargs)
+        records.append(dict(
+            key=key, kind="dropout", path="/".join(module.path),
+            in_shapes=(jnp.shape(call_args[0]),), out=None, owned=(),
+            top_level=False))
+        return out
       if not layers.is_supported(module, method):
         return next_fun(*call_args, **call_kwargs)
       key = _call_key(counter, module, method)
@@ -254,8 +262,19 @@ def _batched_keys(per_example_loss, params, args, batch):
   except Exception:  # pylint: disable=broad-except
     return None
   return {r["key"] for r in records
-          if r["out"] is not None and r["out"].shape[:1] == (batch + 1,)
+          if (r["out"] is None or r["out"].shape[:1] == (batch + 1,))
           and all(s[:1] == (batch + 1,) for s in r["in_shapes"])}
+
+
+def _check_dropout(records, batch, batched_keys):
+  """Raises for a dropout mask drawn across the batch (see layers)."""
+  for r in records:
+    if r.get("kind") != "dropout":
+      continue
+    batched = (r["key"] in batched_keys if batched_keys is not None
+               else r["in_shapes"][0][:1] == (batch,))
+    if batched:
+      raise layers.dropout_error(r["path"])
 
 
 def _plan(records, batch, num_leaves, leaf_is_float, batched_keys=None):
@@ -328,6 +347,8 @@ def value_grad_and_factors(
     batch = loss_shape.shape[0]
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
     batched = _batched_keys(per_example_loss, params, args, batch)
+    _check_dropout(records, batch, batched)
+    records = [r for r in records if r.get("kind") != "dropout"]
     plans, fallback_leaves = _plan(records, batch, len(leaves), is_float, batched)
     by_key = {p.key: p for p in plans}
     out_of = {r["key"]: r["out"] for r in records}
@@ -371,13 +392,17 @@ def value_grad_and_factors(
   return fn
 
 
-def contract(factors: Factors, directions: Any) -> jax.Array:
+def contract(factors: Factors, directions: Any,
+             skip_leaves: tuple[int, ...] = ()) -> jax.Array:
   """``x_i . d_e`` for every example ``i`` and every direction ``e``.
 
   Args:
     factors: from :func:`value_grad_and_factors`.
     directions: a tree like ``params`` whose leaves carry a leading axis
       ``E`` (one direction per estimator).
+    skip_leaves: indices (``jax.tree.leaves(params)`` order) of leaves whose
+      direction is known to be zero (frozen parameters): calls owning only
+      such leaves and fallback work on them are skipped.
 
   Returns:
     f32[B, E] where entry ``(i, e)`` is ``c * grad l_i(w) . d_e``.
@@ -385,7 +410,10 @@ def contract(factors: Factors, directions: Any) -> jax.Array:
   d_leaves = factors.params_treedef.flatten_up_to(directions)
   num_dirs = d_leaves[0].shape[0]
   total = jnp.zeros((factors.batch_size, num_dirs), jnp.float32)
+  skip = frozenset(skip_leaves)
   for plan, (arrays, cotangent) in zip(factors.plans, factors.calls):
+    if skip and all(i in skip for _, i in plan.param_map):
+      continue
     call_args, call_kwargs = _unflatten_call_args(plan, arrays)
 
     def one(d_mod, plan=plan, call_args=call_args, call_kwargs=call_kwargs,
@@ -395,16 +423,16 @@ def contract(factors: Factors, directions: Any) -> jax.Array:
 
     d_mod = module_direction(plan, d_leaves)
     total = total + jax.vmap(one, out_axes=1)(d_mod)
-  if factors.fallback_leaves:
-    total = total + _fallback_contract(factors, d_leaves)
+  fb = tuple(i for i in factors.fallback_leaves if i not in skip)
+  if fb:
+    total = total + _fallback_contract(factors, d_leaves, fb)
   return total
 
 
-def _fallback_contract(factors: Factors, d_leaves) -> jax.Array:
-  """Exact ``c * jvp(l_i, d)`` restricted to the fallback leaves, f32[B, E]."""
+def _fallback_contract(factors: Factors, d_leaves, fb) -> jax.Array:
+  """Exact ``c * jvp(l_i, d)`` restricted to the leaves ``fb``, f32[B, E]."""
   params, args = factors.fallback
   leaves = factors.params_treedef.flatten_up_to(params)
-  fb = factors.fallback_leaves
 
   def loss_of(fb_vals):
     full = list(leaves)
@@ -426,7 +454,8 @@ def _fallback_contract(factors: Factors, d_leaves) -> jax.Array:
   return out.astype(jnp.float32) * factors.scale
 
 
-def per_example_grads(factors: Factors, like: Any) -> Any:
+def per_example_grads(factors: Factors, like: Any,
+                      skip_leaves: tuple[int, ...] = ()) -> Any:
   """The per-example gradient shares ``x_i = c * grad l_i(w)``, formed.
 
   ``x_i . d`` (:func:`contract`) is linear in ``d``, so its reverse-mode
@@ -440,10 +469,11 @@ def per_example_grads(factors: Factors, like: Any) -> Any:
   Args:
     factors: from :func:`value_grad_and_factors`.
     like: a tree like ``params`` (e.g. the batch gradient), for shapes.
+    skip_leaves: as in :func:`contract`; those leaves come out as zeros.
 
   Returns:
     A tree like ``params`` whose leaves are f32[B, *leaf.shape]; zeros for
-    leaves that no call or fallback owns (non-float or unused).
+    leaves that no call or fallback owns (non-float or unused) or skipped.
   """
   # Under shard_map the direction must vary like the factors: the transpose
   # of a device-invariant input is a psum, which would add the devices' x_i.
@@ -452,6 +482,7 @@ def per_example_grads(factors: Factors, like: Any) -> Any:
   zeros = jax.tree.map(
       lambda x: _varying(jnp.zeros(jnp.shape(x), jnp.float32), axes), like)
   expand = lambda d: jax.tree.map(lambda x: x[None], d)
-  _, vjp = jax.vjp(lambda d: contract(factors, expand(d))[:, 0], zeros)
+  _, vjp = jax.vjp(lambda d: contract(factors, expand(d), skip_leaves)[:, 0],
+                   zeros)
   basis = _varying(jnp.eye(factors.batch_size, dtype=jnp.float32), axes)
   return jax.vmap(lambda e: vjp(e)[0])(basis)

@@ -37,6 +37,9 @@ LINEAR_IN_PARAMS: dict[type, tuple[str, ...]] = {
     nn.LayerNorm: ("__call__",),
     nn.RMSNorm: ("__call__",),
     nn.Conv: ("__call__",),
+    nn.ConvTranspose: ("__call__",),
+    nn.ConvLocal: ("__call__",),
+    nn.GroupNorm: ("__call__",),
 }
 
 
@@ -69,6 +72,35 @@ def check_no_batch_mixing(module: nn.Module, method_name: str, kwargs) -> None:
           "and per-example values are undefined. Use use_running_average=True "
           "(or LayerNorm/GroupNorm) in the per-example loss."
       )
+
+
+def draws_batch_mask(module: nn.Module, method_name: str, args, kwargs) -> bool:
+  """Whether this is an ``nn.Dropout`` call that draws a random mask.
+
+  Such a call is only per-example if each example gets its own key (the
+  per-example loss maps a one-example function over the batch with
+  ``jax.vmap``); one mask drawn for the whole batch ties example ``i``'s loss
+  to its position and to the other examples.  The capture decides which by
+  the call's input (see :func:`dropout_error`).
+  """
+  if not (isinstance(module, nn.Dropout) and method_name == "__call__"):
+    return False
+  if module.rate == 0.0:
+    return False
+  mod_det = module.deterministic
+  call_det = kwargs.get("deterministic", args[1] if len(args) > 1 else None)
+  if (mod_det is None) == (call_det is None):
+    return False        # neither or both given: flax itself raises
+  return not (mod_det if call_det is None else call_det)
+
+
+def dropout_error(path: str) -> UnsupportedModuleError:
+  return UnsupportedModuleError(
+      f"nn.Dropout at {path or '<root>'} draws one random mask for the whole "
+      "batch (deterministic=False, one RNG): example i's loss then depends on "
+      "its position in the batch and per-example values are not defined. Use "
+      "deterministic=True, or give every example its own key: write the loss "
+      "for one example and jax.vmap it over (example, key) pairs.")
 
 
 def apply_with_params(module: nn.Module, method_name: str, params: Any,

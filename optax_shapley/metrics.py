@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+from jax.extend import core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -32,6 +33,27 @@ UpdateFn = Callable[[Any], Any]   # g -> u(g), the inner step with state frozen
 
 def _finite_or_zero(tree):
   return jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0), tree)
+
+
+def frozen_leaves(update_fn: UpdateFn, g) -> tuple[int, ...]:
+  """Leaves (in ``jax.tree.leaves`` order) whose update ignores the gradient.
+
+  ``optax.set_to_zero`` on a frozen backbone (inside ``optax.multi_transform``
+  or a chain) makes ``u(g)`` constant in those leaves: every metric is zero
+  there, so they are skipped by the contraction and the ``sgd`` and
+  ``fixed_state`` metrics, which do not look at the update, are zeroed there
+  too.  Found at trace time from the dependencies of ``jax.make_jaxpr`` of the
+  update (sound: an equation depends on ``g`` if any of its inputs does), so
+  no runtime cost.
+  """
+  closed = jax.make_jaxpr(update_fn)(g)
+  jaxpr = closed.jaxpr
+  live = set(jaxpr.invars)
+  for eqn in jaxpr.eqns:
+    if any(not isinstance(v, jex_core.Literal) and v in live for v in eqn.invars):
+      live.update(eqn.outvars)
+  return tuple(i for i, v in enumerate(jaxpr.outvars)
+               if isinstance(v, jex_core.Literal) or v not in live)
 
 
 def learning_rate_at(learning_rate, step) -> jax.Array:

@@ -208,6 +208,7 @@ def with_shapley(
 
     eta = (metrics.learning_rate_at(learning_rate, state.count)
            if learning_rate is not None else None)
+    frozen = metrics.frozen_leaves(update_of, grads)
     linear = [k for k, (m, _) in enumerate(ests) if m in metrics.LINEAR_METRICS]
     dirs = []
     for k in linear:
@@ -225,7 +226,7 @@ def with_shapley(
       else:
         d = metrics.secant_direction(update_of, grads, u_g, u_0, v,
                                      elementwise=elementwise, nodes=secant_nodes)
-      dirs.append(d)
+      dirs.append(_zero_leaves(d, frozen))
     # Under data parallelism x_i carries 1/B_local for a mean; 1/B_global wanted.
     dp_mean = axis_name is not None and factors.reduction == "mean"
     n_dev = jax.lax.psum(1, axis_name) if dp_mean else 1
@@ -233,13 +234,13 @@ def with_shapley(
     mismatch = jnp.zeros([], jnp.int32)
     if dirs:
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *dirs)
-      lin = capture.contract(factors, stacked) / n_dev    # f32[B_local, E_lin]
+      lin = capture.contract(factors, stacked, frozen) / n_dev  # f32[B_local, E_lin]
       for j, k in enumerate(linear):
         columns[k] = lin[:, j]
       mismatch = _check_sum(lin, grads, stacked, axis_name)
     if len(linear) < num_est:
       shares = jax.tree.map(lambda x: x / n_dev,
-                            capture.per_example_grads(factors, grads))
+                            capture.per_example_grads(factors, grads, frozen))
       for k, (m, e) in enumerate(ests):
         if m == "removal":
           columns[k] = metrics.removal_values(update_of, grads, u_g, shares,
@@ -268,6 +269,15 @@ def with_shapley(
     return u_g, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _zero_leaves(tree, indices):
+  """``tree`` with the leaves at ``indices`` (leaves order) set to zero."""
+  if not indices:
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef.unflatten([jnp.zeros_like(x) if i in indices else x
+                            for i, x in enumerate(leaves)])
 
 
 def _gather(x, axis_name) -> jax.Array:
