@@ -43,6 +43,13 @@ LINEAR_IN_PARAMS: dict[type, tuple[str, ...]] = {
 }
 
 
+def is_affine_only(module: nn.Module) -> bool:
+  """A norm without ``scale`` computes ``xhat + bias``: affine, not linear, in
+  its parameters, so its rule subtracts the parameter-free part ``xhat``."""
+  return (isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+          and not module.use_scale)
+
+
 class UnsupportedModuleError(ValueError):
   """A module in the per-example loss mixes the examples of a batch."""
 
@@ -130,6 +137,9 @@ def contract(module: nn.Module, method_name: str, direction: Any,
     f32[B]: ``sum_s <f(x_is; d), b_is>``, accumulated in float32.
   """
   t = apply_with_params(module, method_name, direction, args, kwargs)
+  if is_affine_only(module):
+    zero = jax.tree.map(jnp.zeros_like, direction)
+    t = t - apply_with_params(module, method_name, zero, args, kwargs)
   batch = cotangent.shape[0]
   prod = t.astype(jnp.float32) * cotangent.astype(jnp.float32)
   return jnp.sum(prod.reshape(batch, -1), axis=1)
