@@ -6,11 +6,24 @@ always give the same arrays.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import os
+import sysconfig
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["Split", "load_digits_split", "flip_labels"]
+__all__ = [
+    "Split",
+    "TextSplit",
+    "TEXT_FILES",
+    "VOCAB",
+    "UNKNOWN_ID",
+    "encode_text",
+    "decode_text",
+    "load_digits_split",
+    "load_text_split",
+    "flip_labels",
+]
 
 
 class Split(NamedTuple):
@@ -108,3 +121,136 @@ def flip_labels(y, fraction: float, num_classes: int, seed: int = 0):
   flipped = np.zeros(n, bool)
   flipped[idx] = True
   return noisy, flipped
+
+
+# ---------------------------------------------------------------------------
+# Character-level text from the Python standard library's own sources
+
+#: Standard-library modules read by :func:`load_text_split`, in this order.
+#: Plain ``.py`` files present in Python 3.11 and 3.12 (and later); their exact
+#: text differs slightly between Python versions, so the arrays do too.
+TEXT_FILES = ("bisect.py", "colorsys.py", "heapq.py", "string.py",
+              "textwrap.py")
+
+#: Characters with their own id: newline, then printable ASCII ``' '..'~'``.
+#: Character ``VOCAB[k]`` has id ``k + 1``; id 0 (:data:`UNKNOWN_ID`) is every
+#: other character (tab, non-ASCII).  The vocabulary has 97 ids.
+VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
+UNKNOWN_ID = 0
+
+
+class TextSplit(NamedTuple):
+  """Train / validation / test sequences for next-character prediction.
+
+  ``tokens[n, s]`` is character ``s`` of sequence ``n`` and
+  ``targets[n, s] = tokens`` shifted by one: the character that follows it.
+
+  Attributes:
+    tokens_train: ``i32[N, T]`` training inputs, ``T = seq_len``.
+    targets_train: ``i32[N, T]`` training next-character targets.
+    mask_train: ``f32[N, T]``, 1 for real tokens (all ones here: every
+      sequence is a full cut; kept so losses written for padded data apply).
+    tokens_val: ``i32[V, T']`` validation inputs, ``T' = val_seq_len``.
+    targets_val: ``i32[V, T']`` validation targets.
+    mask_val: ``f32[V, T']``, all ones.
+    tokens_test: ``i32[M, T']`` test inputs (length ``val_seq_len``).
+    targets_test: ``i32[M, T']`` test targets.
+    mask_test: ``f32[M, T']``, all ones.
+    vocab_size: number of ids, ``len(VOCAB) + 1`` (97).
+  """
+
+  tokens_train: np.ndarray
+  targets_train: np.ndarray
+  mask_train: np.ndarray
+  tokens_val: np.ndarray
+  targets_val: np.ndarray
+  mask_val: np.ndarray
+  tokens_test: np.ndarray
+  targets_test: np.ndarray
+  mask_test: np.ndarray
+  vocab_size: int
+
+
+_CHAR_TO_ID = {c: k + 1 for k, c in enumerate(VOCAB)}
+
+
+def encode_text(text: str) -> np.ndarray:
+  """Characters to ids (see :data:`VOCAB`): ``i32[len(text)]``."""
+  return np.fromiter((_CHAR_TO_ID.get(c, UNKNOWN_ID) for c in text),
+                     dtype=np.int32, count=len(text))
+
+
+def decode_text(ids) -> str:
+  """Ids back to characters; :data:`UNKNOWN_ID` becomes ``'?'``."""
+  return "".join(VOCAB[i - 1] if 0 < i <= len(VOCAB) else "?"
+                 for i in np.asarray(ids).reshape(-1).tolist())
+
+
+def _read_stdlib(files: Sequence[str]) -> str:
+  root = sysconfig.get_paths()["stdlib"]
+  texts = []
+  for name in files:
+    with open(os.path.join(root, name), encoding="utf-8") as f:
+      texts.append(f.read())
+  return "".join(texts)
+
+
+def load_text_split(seed: int = 0, seq_len: int = 32,
+                    val_seq_len: int | None = None,
+                    val_size: float | int = 0.1,
+                    test_size: float | int = 0.1,
+                    files: Sequence[str] = TEXT_FILES) -> TextSplit:
+  """Character-level language-modelling data from Python's own stdlib sources.
+
+  The modules ``files`` (default :data:`TEXT_FILES`, about 62k characters)
+  are read from ``sysconfig.get_paths()["stdlib"]``, concatenated in the
+  given order and mapped to ids with :func:`encode_text` (97 ids: unknown,
+  newline, printable ASCII).  The id stream is cut into consecutive,
+  non-overlapping blocks of ``max(seq_len, val_seq_len) + 1`` characters (the
+  remainder is dropped); the blocks are shuffled by a seeded permutation and
+  dealt to test, validation and training, in that order.  A training block
+  gives ``tokens = block[:seq_len]``, ``targets = block[1:seq_len + 1]``;
+  validation and test blocks do the same with ``val_seq_len``.  No character
+  is shared between splits.
+
+  Deterministic for a given Python installation: the same arguments give the
+  same arrays.  The sources differ slightly between Python versions (3.11,
+  3.12, ...), so the arrays do too.
+
+  Args:
+    seed: seed of the block permutation.
+    seq_len: ``T``, training sequence length.
+    val_seq_len: validation and test sequence length; ``None``: ``seq_len``.
+    val_size: number of validation sequences, a count or (a float in
+      ``(0, 1)``) a fraction of all blocks.
+    test_size: number of test sequences, same convention.
+    files: standard-library file names to read.
+
+  Returns:
+    A :class:`TextSplit`.
+
+  Raises:
+    ValueError: a non-positive length, or splits that leave no training data.
+  """
+  val_seq_len = seq_len if val_seq_len is None else int(val_seq_len)
+  seq_len = int(seq_len)
+  if seq_len < 1 or val_seq_len < 1:
+    raise ValueError(f"sequence lengths must be >= 1, got {seq_len}, {val_seq_len}")
+  ids = encode_text(_read_stdlib(files))
+  block = max(seq_len, val_seq_len) + 1
+  n = len(ids) // block
+  blocks = ids[: n * block].reshape(n, block)
+  n_test, n_val = _sizes(n, test_size), _sizes(n, val_size)
+  if n_test + n_val >= n:
+    raise ValueError("validation and test splits leave no training data")
+  perm = np.random.default_rng(seed).permutation(n)
+  test, val, train = np.split(perm, [n_test, n_test + n_val])
+
+  def cut(rows, length):
+    b = blocks[rows]
+    return (np.ascontiguousarray(b[:, :length]),
+            np.ascontiguousarray(b[:, 1:length + 1]),
+            np.ones((len(rows), length), np.float32))
+
+  return TextSplit(*cut(train, seq_len), *cut(val, val_seq_len),
+                   *cut(test, val_seq_len), len(VOCAB) + 1)
