@@ -15,6 +15,7 @@ Sign convention: ``phi > 0`` means example ``i`` lowered the validation loss.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -23,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-METRICS = ("sgd", "fixed_state", "linearized", "secant", "removal")
+METRICS = ("sgd", "fixed_state", "linearized", "secant", "removal",
+           "coalitions")
 # Metrics whose value is x_i . d for a direction d (the rest are nonlinear in x_i).
 LINEAR_METRICS = ("sgd", "fixed_state", "linearized", "secant")
 EVALUATIONS = ("start", "midpoint", "end")
@@ -218,6 +220,87 @@ def removal_values(update_fn: UpdateFn, g, u_g, per_example, val_grad, *,
                                   jax.tree.leaves(u_g)))
 
   return jax.lax.map(one, per_example, batch_size=batch_size)
+
+
+COALITIONS_EXACT_MAX = 12
+
+
+def shapley_weights(num_players: int) -> np.ndarray:
+  """``W`` f64[2^n, n] with ``phi = W^T U`` for ``U`` on all coalitions.
+
+  Row ``S`` (bit ``i`` of the row index = player ``i`` in ``S``):
+  ``W[S, i] = w(|S| - 1)`` if ``i in S`` else ``-w(|S|)``, with the Shapley
+  weight ``w(s) = s! (n - s - 1)! / n!``.
+  """
+  n = num_players
+  masks = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1).astype(bool)
+  size = masks.sum(1)
+  fact = np.array([math.factorial(k) for k in range(n + 1)], np.float64)
+  w = lambda s: fact[s] * fact[n - s - 1] / fact[n]
+  inside = w(np.clip(size - 1, 0, n - 1))[:, None]
+  outside = w(np.clip(size, 0, n - 1))[:, None]
+  return np.where(masks, inside, -outside)
+
+
+def coalition_values(update_fn: UpdateFn, u_0, shares, val_grad, key, *,
+                     num_permutations: int = 64, batch_size: int = 64) -> jax.Array:
+  """Shapley values of the optimizer's real response, first order in ``L``.
+
+  The one-step utility with the loss linearised at ``wbar`` but the update
+  exact::
+
+      U(S) = -grad L(wbar) . (u(g_S) - u(0)),    g_S = sum_{i in S} x_i
+
+  re-runs the optimizer update on coalitions of the batch (no validation
+  forward passes): all ``2^B`` of them when ``B <= 12`` (exact Shapley), else
+  ``num_permutations`` random permutations in antithetic pairs, each costing
+  ``B - 1`` updates (Castro et al. 2009 sampling).  Unlike the one-direction
+  metrics this follows Adam's nonlinearity in the coalition, including the
+  sign-descent first step; it needs the per-example gradients (``B`` times
+  the parameters' memory) and many optimizer updates, so it is a reference,
+  not a fast path.  Any optax update.
+
+  Args:
+    update_fn: ``g -> u(g)`` with the optimizer state frozen; ``u_0 = u(0)``.
+    shares: tree like the gradient with leaves ``[B, ...]``, the ``x_i``.
+    val_grad: ``grad L(wbar)``.
+    key: ``jax.random`` key for the permutations (unused when exact).
+
+  Returns:
+    f32[B]; positive = the example lowered the validation loss.
+  """
+  b = jax.tree.leaves(shares)[0].shape[0]
+  v = [x.astype(jnp.float32) for x in jax.tree.leaves(val_grad)]
+  base = jax.tree.leaves(u_0)
+
+  def utility(mask):
+    g = jax.tree.map(lambda x: jnp.tensordot(mask.astype(x.dtype), x, axes=1),
+                     shares)
+    u = jax.tree.leaves(update_fn(g))
+    return -sum(jnp.vdot(a, (c - z).astype(jnp.float32))
+                for a, c, z in zip(v, u, base))
+
+  if b <= COALITIONS_EXACT_MAX:
+    w = shapley_weights(b)
+    masks = ((np.arange(2 ** b)[:, None] >> np.arange(b)) & 1).astype(np.float32)
+    us = jax.lax.map(utility, jnp.asarray(masks), batch_size=batch_size)
+    return jnp.asarray(w.T, jnp.float32) @ us
+  half = max(1, num_permutations // 2)
+  perms = jax.vmap(lambda k: jax.random.permutation(k, b))(
+      jax.random.split(key, half))
+  perms = jnp.concatenate([perms, perms[:, ::-1]])            # antithetic
+  # Prefix coalitions 1..B-1 of every permutation (U(empty)=0, U(all) known).
+  rank = jnp.argsort(perms, axis=1)                            # position of i
+  k = jnp.arange(1, b)
+  prefix = (rank[:, None, :] < k[None, :, None]).astype(jnp.float32)
+  inner = jax.lax.map(utility, prefix.reshape(-1, b), batch_size=batch_size)
+  inner = inner.reshape(perms.shape[0], b - 1)
+  total = utility(jnp.ones((b,), jnp.float32))
+  curve = jnp.concatenate([jnp.zeros((perms.shape[0], 1)), inner,
+                           jnp.full((perms.shape[0], 1), total)], axis=1)
+  marginal = curve[:, 1:] - curve[:, :-1]                      # [P, B] by position
+  per_player = jnp.take_along_axis(marginal, rank, axis=1)     # [P, B] by player
+  return per_player.mean(axis=0)
 
 
 def evaluation_point(name: str, params, u_g, u_0=None):

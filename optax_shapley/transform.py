@@ -106,6 +106,7 @@ def with_shapley(
     fixed_state_previous: bool = False,
     elementwise: bool = False,
     secant_nodes: int = 3,
+    coalition_permutations: int = 64,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` to accumulate per-example in-run data Shapley values.
 
@@ -128,8 +129,12 @@ def with_shapley(
       paper's method, Adam only), ``"sgd"`` (In-Run Data Shapley baseline)
       or ``"removal"`` (each example's share taken out of the real update,
       :func:`optax_shapley.metrics.removal_values`; with ``"end"``,
-      leave-one-out; forms per-example gradients, so it costs ``B`` times
-      the parameters' memory); a tuple tracks several estimators in one run.
+      leave-one-out) or ``"coalitions"`` (Shapley values of the real update
+      re-run on coalitions, first order in the loss only,
+      :func:`optax_shapley.metrics.coalition_values`); these two form
+      per-example gradients, so they cost ``B`` times the parameters' memory
+      and many optimizer updates.  A tuple tracks several estimators in one
+      run.
     evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
       pairs with ``metric`` (a single name is broadcast).
     batch_size: the (global) batch size ``B``, to size ``step_values`` at
@@ -140,6 +145,8 @@ def with_shapley(
       ``sgd`` (``learning_rate`` only) and ``fixed_state`` metrics.
     fixed_state_previous: ``fixed_state`` uses ``vhat_{t-1}`` (the paper's
       Taylor base point) instead of ``vhat_t``.
+    coalition_permutations: permutations per step of the ``"coalitions"``
+      metric when ``B > 12`` (exact enumeration below).
     elementwise: ``inner`` acts coordinate-wise (Adam, AdamW, SGD, RMSProp):
       the secant metric is then an exact difference quotient.  Leave False
       for optimizers that mix coordinates (global-norm clipping); secant then
@@ -197,7 +204,8 @@ def with_shapley(
     inner_update = lambda g: inner.update(g, state.inner_state, params, **extra_args)
     u_g, new_inner = inner_update(grads)
     update_of = lambda g: inner_update(g)[0]
-    need_zero = any(m == "secant" or e == "midpoint" for m, e in ests)
+    need_zero = any(m in ("secant", "coalitions") or e == "midpoint"
+                    for m, e in ests)
     u_0 = update_of(jax.tree.map(jnp.zeros_like, grads)) if need_zero else None
 
     val_mean = _validation_objective(val_loss, params)
@@ -245,6 +253,9 @@ def with_shapley(
         if m == "removal":
           columns[k] = metrics.removal_values(update_of, grads, u_g, shares,
                                               val_grads[e])
+        elif m == "coalitions":
+          columns[k] = _coalitions(update_of, u_0, shares, val_grads[e],
+                                   state.count, axis_name, coalition_permutations)
     local = jnp.stack(columns, axis=1)                    # f32[B_local, E]
 
     ids = example_ids.astype(jnp.int32)
@@ -269,6 +280,27 @@ def with_shapley(
     return u_g, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _coalitions(update_of, u_0, shares, val_grad, count, axis_name,
+                num_permutations):
+  """The ``"coalitions"`` column for this device's examples, f32[B_local].
+
+  Coalitions span the global batch, so under data parallelism the shares are
+  all-gathered (``B_global`` times the parameters' memory on every device)
+  and each device keeps its own slice.
+  """
+  key = jax.random.fold_in(jax.random.key(0), count)
+  if axis_name is None:
+    return metrics.coalition_values(update_of, u_0, shares, val_grad, key,
+                                    num_permutations=num_permutations)
+  local = jax.tree.leaves(shares)[0].shape[0]
+  full = jax.tree.map(lambda x: jax.lax.all_gather(x, axis_name, tiled=True),
+                      shares)
+  vals = metrics.coalition_values(update_of, u_0, full, val_grad, key,
+                                  num_permutations=num_permutations)
+  start = jax.lax.axis_index(axis_name) * local
+  return jax.lax.dynamic_slice_in_dim(vals, start, local)
 
 
 def _zero_leaves(tree, indices):

@@ -1,0 +1,446 @@
+"""Fidelity report: every estimator against ground truth of the real step.
+
+``optax-shapley fidelity`` trains each bundled model (an MLP and a small CNN
+on scikit-learn digits, a 2-layer character transformer on Python's own
+standard-library source) with Adam and, at chosen steps, compares the step
+values of every estimator with ground truth computed by re-running the real
+optimizer step on coalitions of the batch (:mod:`optax_shapley.truth`):
+
+- Shapley values: exact by enumeration of all ``2^B`` coalitions when
+  ``B <= 12`` (standard error 0), else Monte-Carlo with antithetic
+  permutations, added in rounds until the largest standard error is below
+  ``target_se`` (default 2%) of the values' spread (their standard deviation);
+- leave-one-out ``U(B) - U(B minus {i})``.
+
+Reported per model, step and estimator: Pearson and Spearman R against
+Shapley and against leave-one-out, the slope of the least-squares line of the
+values on the Shapley values (1 = the right scale), and the efficiency gap
+``(sum_i phi_i - (U(B) - U(empty))) / |U(B) - U(empty)|``.  Over the first
+``accumulate_steps`` steps the exact per-step Shapley values are also summed
+per example and compared with each estimator's accumulated values.
+
+Training uses the plain optax update except at the steps examined (and in the
+accumulation window), where the Shapley transformation computes all
+estimators at once; its updates are bit-identical to optax's, so both paths
+train the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_shapley as oxs
+from optax_shapley import data, models, truth
+
+MODELS = ("mlp", "cnn", "transformer")
+DEFAULT_STEPS = (1, 2, 3, 6, 21, 101, 301, 1001)
+# Every one-direction metric at every evaluation point, plus the two
+# per-example-gradient references: exact removal at the end (leave-one-out)
+# and Shapley of the update re-run on coalitions at the midpoint.
+ESTIMATORS = tuple((m, e) for m in ("sgd", "fixed_state", "linearized", "secant")
+                   for e in ("start", "midpoint", "end")) + (
+                       ("removal", "end"), ("coalitions", "midpoint"))
+# Estimators whose semantics is leave-one-out rather than Shapley.
+LOO_ESTIMATORS = (("linearized", "end"), ("removal", "end"))
+EXACT_MAX_PLAYERS = 12
+
+
+def estimator_name(metric: str, evaluation: str) -> str:
+  return f"{metric}@{evaluation}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Settings of one fidelity run (the command's options).
+
+  Attributes:
+    models: which of :data:`MODELS` to run.
+    steps: 1-based training steps at which to compare with ground truth.
+    learning_rate, b1, b2, eps: Adam's hyperparameters.
+    weight_decay: AdamW weight decay; ``None`` for Adam.
+    clip: global-norm clipping before Adam (``optax.clip_by_global_norm``);
+      ``None`` for none.
+    batch_size: ``B``, the players of each step's game.
+    val_size: validation examples (the target's size); ``None``: the model's
+      default (100 images, 32 sequences).
+    seed: seed of data split, initialisation and batch order.
+    accumulate_steps: length of the window over which accumulated values are
+      compared with accumulated exact per-step Shapley values (0: skip).
+    target_se: Monte-Carlo stopping rule, largest standard error over the
+      values' standard deviation.
+    max_permutations: Monte-Carlo budget per step.
+  """
+  models: tuple[str, ...] = MODELS
+  steps: tuple[int, ...] = DEFAULT_STEPS
+  learning_rate: float = 1e-3
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float | None = None
+  clip: float | None = None
+  batch_size: int = 10
+  val_size: int | None = None
+  seed: int = 0
+  accumulate_steps: int = 20
+  target_se: float = 0.02
+  max_permutations: int = 2000
+
+  def __post_init__(self):
+    unknown = set(self.models) - set(MODELS)
+    if unknown:
+      raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
+    if not self.steps or min(self.steps) < 1:
+      raise ValueError(f"steps must be positive integers, got {self.steps}")
+    if self.batch_size < 2:
+      raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class Problem:
+  """A model, its data and its losses.  ``inputs``: per-example arrays with
+  the example on axis 0 (``N`` rows), passed to ``per_example_loss``."""
+  name: str
+  description: str
+  params: Any
+  per_example_loss: Callable[..., jax.Array]
+  val_loss: Callable[[Any], jax.Array]
+  inputs: tuple[np.ndarray, ...]
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.inputs[0])
+
+
+def make_problem(name: str, seed: int = 0, val_size: int | None = None) -> Problem:
+  """The bundled fidelity models: ``"mlp"``, ``"cnn"`` or ``"transformer"``."""
+  key = jax.random.key(seed)
+  if name in ("mlp", "cnn"):
+    split = data.load_digits_split(seed=seed, val_size=val_size or 100)
+    if name == "mlp":
+      model = models.MLP(features=(32, split.num_classes))
+      desc = "MLP 64-32-10 on scikit-learn digits"
+    else:
+      model = models.CNN(num_classes=split.num_classes)
+      desc = "CNN (conv 3x3x8, conv 3x3x16 stride 2, dense) on scikit-learn digits"
+    params = model.init(key, split.X_train[:1])["params"]
+
+    def pel(p, x, y):
+      return models.cross_entropy(model.apply({"params": p}, x), y)
+
+    xv, yv = jnp.asarray(split.X_val), jnp.asarray(split.y_val)
+    return Problem(name, f"{desc}, {len(yv)} validation images", params, pel,
+                   lambda p: pel(p, xv, yv), (split.X_train, split.y_train))
+  if name == "transformer":
+    split = data.load_text_split(seed=seed, seq_len=16, val_seq_len=12,
+                                 val_size=val_size or 32)
+    model = models.CharTransformer(vocab_size=split.vocab_size, d_model=32,
+                                   max_len=32)
+    params = model.init(key, split.tokens_train[:1])["params"]
+
+    def pel(p, tok, tgt):
+      return models.token_cross_entropy(model.apply({"params": p}, tok), tgt)
+
+    vt, vy = jnp.asarray(split.tokens_val), jnp.asarray(split.targets_val)
+    return Problem(
+        name, "2-layer character transformer (d=32, 2 heads, tied embedding, "
+        f"learned positions) on stdlib source, train T=16, {len(vt)} "
+        "validation sequences of T=12", params, pel, lambda p: pel(p, vt, vy),
+        (split.tokens_train, split.targets_train))
+  raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformation:
+  """Adam, or AdamW with ``weight_decay``, after optional global-norm clipping."""
+  if cfg.weight_decay is None:
+    tx = optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  else:
+    tx = optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay)
+  if cfg.clip is not None:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx)
+  return tx
+
+
+def shapley_truth(utility, num_players: int, key, target_se: float = 0.02,
+                  max_permutations: int = 2000, round_size: int = 100):
+  """Shapley values of ``utility`` with standard errors and the method used.
+
+  Exact enumeration for ``num_players <= 12``; otherwise antithetic
+  Monte-Carlo permutations in rounds of ``round_size`` until
+  ``max(stderr) <= target_se * std(values)`` or ``max_permutations``.
+
+  Returns:
+    ``(values f64[n], stderr f64[n], method, permutations)``.
+  """
+  if num_players <= EXACT_MAX_PLAYERS:
+    v = truth.exact_shapley(utility, num_players)
+    return v, np.zeros(num_players), "exact", 0
+  total, mean, var, used = 0, None, None, 0
+  while True:
+    key, sub = jax.random.split(key)
+    m, se = truth.monte_carlo_shapley(utility, num_players, sub, round_size)
+    n = round_size // 2                                  # antithetic samples
+    if mean is None:
+      mean, var = m, (se ** 2) * n                       # per-sample variance
+    else:
+      mean = (total * mean + n * m) / (total + n)
+      var = (total * var + n * (se ** 2) * n) / (total + n)
+    total += n
+    used += round_size
+    stderr = np.sqrt(var / total)
+    if stderr.max() <= target_se * mean.std() or used >= max_permutations:
+      return mean, stderr, "monte_carlo", used
+
+
+def _pearson(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.std() == 0 or b.std() == 0:
+    return float("nan")
+  return float(np.corrcoef(a, b)[0, 1])
+
+
+def _spearman(a, b) -> float:
+  from scipy.stats import spearmanr
+  return float(spearmanr(a, b).statistic)
+
+
+def _slope(values, reference) -> float:
+  if np.std(reference) == 0:
+    return float("nan")
+  return float(np.polyfit(reference, values, 1)[0])
+
+
+def step_report(values: np.ndarray, shapley: np.ndarray, loo: np.ndarray,
+                whole: float) -> dict:
+  """Per-estimator statistics of one step; ``values`` f[B, E]."""
+  out = {}
+  for j, (m, e) in enumerate(ESTIMATORS):
+    v = values[:, j]
+    out[estimator_name(m, e)] = dict(
+        pearson_shapley=_pearson(v, shapley), spearman_shapley=_spearman(v, shapley),
+        pearson_loo=_pearson(v, loo), spearman_loo=_spearman(v, loo),
+        slope_shapley=_slope(v, shapley), slope_loo=_slope(v, loo),
+        efficiency_gap=float((v.sum() - whole) / abs(whole)) if whole else float("nan"))
+  return out
+
+
+def run_model(problem: Problem, cfg: Config, progress: bool = False) -> dict:
+  """Trains ``problem`` for ``max(cfg.steps)`` steps and reports fidelity."""
+  t0 = time.perf_counter()
+  inner = make_optimizer(cfg)
+  n, b = problem.num_examples, cfg.batch_size
+  tx = oxs.with_shapley(
+      inner, num_examples=n, metric=tuple(m for m, _ in ESTIMATORS),
+      evaluation=tuple(e for _, e in ESTIMATORS), batch_size=b,
+      learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+      elementwise=cfg.clip is None)
+  pel, val_loss = problem.per_example_loss, problem.val_loss
+
+  @jax.jit
+  def shapley_step(params, state, ids, *batch):
+    _, g, f = oxs.value_grad_and_factors(pel)(params, *batch)
+    u, state = tx.update(g, state, params, factors=f, example_ids=ids,
+                         val_loss=val_loss)
+    return optax.apply_updates(params, u), state
+
+  @jax.jit
+  def plain_step(params, state, *batch):
+    g = jax.grad(lambda p: jnp.mean(pel(p, *batch)))(params)
+    u, inner_state = inner.update(g, state.inner_state, params)
+    state = state._replace(inner_state=inner_state, count=state.count + 1)
+    return optax.apply_updates(params, u), state
+
+  params, state = problem.params, tx.init(problem.params)
+  rng = np.random.default_rng(cfg.seed)
+  key = jax.random.key(cfg.seed)
+  last = max(cfg.steps)
+  examined = set(cfg.steps) | set(range(1, cfg.accumulate_steps + 1))
+  acc_truth = np.zeros(n)
+  acc_values = None
+  steps_out = []
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=last, desc=problem.name, unit="step", leave=False)
+  for t in range(1, last + 1):
+    ids = rng.choice(n, b, replace=False)
+    batch = tuple(jnp.asarray(a[ids]) for a in problem.inputs)
+    if t not in examined:
+      params, state = plain_step(params, state, *batch)
+      if bar is not None:
+        bar.update(1)
+      continue
+    pe = truth.per_example_grads(pel, params, *batch)
+    utility = truth.step_utility(inner, state.inner_state, params, pe, val_loss)
+    key, sub = jax.random.split(key)
+    shap, se, method, perms = shapley_truth(utility, b, sub, cfg.target_se,
+                                            cfg.max_permutations)
+    loo = truth.leave_one_out(utility, b)
+    whole = float(utility(np.ones(b))) - float(utility(np.zeros(b)))
+    params, state = shapley_step(params, state, jnp.asarray(ids, jnp.int32),
+                                 *batch)
+    values = np.asarray(oxs.step_values(state), np.float64)
+    if t <= cfg.accumulate_steps:
+      acc_truth[ids] += shap
+      if t == cfg.accumulate_steps:
+        acc_values = np.asarray(oxs.values(state), np.float64)
+    if t in cfg.steps:
+      steps_out.append(dict(
+          step=t, truth=method, permutations=perms,
+          shapley_se_over_spread=float(se.max() / shap.std()) if shap.std() else 0.0,
+          whole_effect=whole, estimators=step_report(values, shap, loo, whole),
+          shapley=shap.tolist(), leave_one_out=loo.tolist(),
+          values=values.tolist()))
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  oxs.check(state)
+
+  accumulated = None
+  if acc_values is not None:
+    seen = acc_truth != 0
+    accumulated = dict(steps=cfg.accumulate_steps, examples=int(seen.sum()), **{
+        estimator_name(m, e): dict(
+            pearson=_pearson(acc_values[seen, j], acc_truth[seen]),
+            spearman=_spearman(acc_values[seen, j], acc_truth[seen]))
+        for j, (m, e) in enumerate(ESTIMATORS)})
+  return dict(model=problem.name, description=problem.description,
+              num_examples=n, steps=steps_out, accumulated=accumulated,
+              seconds=time.perf_counter() - t0)
+
+
+def run_fidelity(cfg: Config = Config(), out_dir: str | None = "runs/fidelity",
+                 progress: bool = False, verbose: bool = True) -> dict:
+  """Runs every model of ``cfg``; writes ``fidelity.json``, ``table.md`` and
+  ``fidelity.png`` to ``out_dir`` (unless ``None``) and returns the report."""
+  report = dict(config=dataclasses.asdict(cfg), jax=jax.__version__,
+                estimators=[estimator_name(m, e) for m, e in ESTIMATORS],
+                models=[])
+  for name in cfg.models:
+    problem = make_problem(name, cfg.seed, cfg.val_size)
+    result = run_model(problem, cfg, progress=progress)
+    report["models"].append(result)
+    if verbose:
+      print(format_model(result))
+  if out_dir is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "fidelity.json"), "w") as f:
+      json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+      f.write(format_markdown(report))
+    plot(report, os.path.join(out_dir, "fidelity.png"))
+  return report
+
+
+def _cell(x: float) -> str:
+  if x != x:                                   # NaN
+    return "-"
+  if abs(x) >= 0.9995 and abs(x) < 1:
+    return f"{x:.5f}"
+  return f"{x:.3f}"
+
+
+def format_model(result: dict) -> str:
+  """Plain-text table: Pearson R per estimator (rows) and step (columns)."""
+  steps = result["steps"]
+  head = f"{'':24s}" + "".join(f"{'t=' + str(s['step']):>9s}" for s in steps)
+  lines = [f"{result['model']}: {result['description']} "
+           f"({result['seconds']:.0f} s)",
+           "Pearson R against Shapley (leave-one-out for * rows); "
+           "slope against the same truth in brackets at the last step", head]
+  for m, e in ESTIMATORS:
+    name = estimator_name(m, e)
+    loo = (m, e) in LOO_ESTIMATORS
+    key = "pearson_loo" if loo else "pearson_shapley"
+    cells = "".join(f"{_cell(s['estimators'][name][key]):>9s}" for s in steps)
+    slope = steps[-1]["estimators"][name]["slope_loo" if loo else "slope_shapley"]
+    lines.append(f"{name + (' *' if loo else ''):24s}{cells}  [{slope:.3f}]")
+  truths = ", ".join(
+      f"t={s['step']}: {s['truth']}"
+      + (f" ({s['permutations']} perms, se/spread {s['shapley_se_over_spread']:.3f})"
+         if s["truth"] != "exact" else "") for s in steps)
+  lines.append(f"ground truth: {truths}")
+  acc = result["accumulated"]
+  if acc:
+    best = ", ".join(f"{estimator_name(m, e)} {acc[estimator_name(m, e)]['pearson']:.4f}"
+                     for m, e in (("secant", "midpoint"), ("fixed_state", "start"),
+                                  ("coalitions", "midpoint"), ("sgd", "start")))
+    lines.append(f"accumulated over steps 1-{acc['steps']} ({acc['examples']} "
+                 f"examples), Pearson R vs summed exact Shapley: {best}")
+  return "\n".join(lines) + "\n"
+
+
+def format_markdown(report: dict) -> str:
+  """Markdown tables of the report (the ones in docs/fidelity.md)."""
+  cfg = report["config"]
+  out = [f"Adam lr {cfg['learning_rate']:g} (b1 {cfg['b1']}, b2 {cfg['b2']}), "
+         f"B = {cfg['batch_size']}, seed {cfg['seed']}, weight decay "
+         f"{cfg['weight_decay']}, clip {cfg['clip']}; jax {report['jax']}.\n"]
+  for res in report["models"]:
+    steps = res["steps"]
+    out.append(f"\n### {res['model']}: {res['description']}\n")
+    out.append("| estimator | " + " | ".join(f"t={s['step']}" for s in steps)
+               + " | slope (last) |")
+    out.append("|---" * (len(steps) + 2) + "|")
+    for m, e in ESTIMATORS:
+      name = estimator_name(m, e)
+      loo = (m, e) in LOO_ESTIMATORS
+      key = "pearson_loo" if loo else "pearson_shapley"
+      cells = " | ".join(_cell(s["estimators"][name][key]) for s in steps)
+      slope = steps[-1]["estimators"][name]["slope_loo" if loo else "slope_shapley"]
+      label = f"{name} vs leave-one-out" if loo else name
+      out.append(f"| {label} | {cells} | {slope:.3f} |")
+    eff = " | ".join(_cell(s["estimators"]["secant@midpoint"]["efficiency_gap"])
+                     for s in steps)
+    out.append(f"| efficiency gap of secant@midpoint | {eff} | |")
+    acc = res["accumulated"]
+    if acc:
+      out.append(f"\nAccumulated over steps 1-{acc['steps']} ({acc['examples']} "
+                 "examples), Pearson R against the summed exact per-step "
+                 "Shapley values: " + ", ".join(
+                     f"{estimator_name(m, e)} {acc[estimator_name(m, e)]['pearson']:.4f}"
+                     for m, e in ESTIMATORS) + ".\n")
+  return "\n".join(out) + "\n"
+
+
+PLOTTED = (("sgd", "start"), ("fixed_state", "start"), ("fixed_state", "midpoint"),
+           ("secant", "midpoint"), ("linearized", "end"), ("removal", "end"),
+           ("coalitions", "midpoint"))
+
+
+def plot(report: dict, path: str) -> None:
+  """R against step (log scale), one panel per model, one line per estimator."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  results = report["models"]
+  fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4),
+                           squeeze=False)
+  for ax, res in zip(axes[0], results):
+    steps = [s["step"] for s in res["steps"]]
+    for m, e in PLOTTED:
+      name = estimator_name(m, e)
+      loo = (m, e) in LOO_ESTIMATORS
+      r = [s["estimators"][name]["pearson_loo" if loo else "pearson_shapley"]
+           for s in res["steps"]]
+      ax.plot(steps, r, marker="o", label=name + (" (vs LOO)" if loo else ""))
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.01)
+    ax.axhline(0.999, color="gray", lw=0.5, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Pearson R vs ground truth")
+    ax.set_title(res["model"])
+  axes[0][0].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
