@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
   fid.add_argument("--target-se", type=float, default=0.02,
                    help="Monte-Carlo stop: max standard error / spread "
                         "(default: %(default)s)")
+  fid.add_argument("--truth", choices=("auto", "exact", "monte_carlo"),
+                   default="auto",
+                   help="Shapley ground truth: exact enumeration (B <= 16), "
+                        "Monte-Carlo permutations, or auto = exact for "
+                        "B <= 12 (default: %(default)s)")
   fid.add_argument("--out", default="runs/fidelity",
                    help="output folder (default: %(default)s)")
   return parser
@@ -121,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=_ints(args.steps), learning_rate=args.lr, b1=args.b1, b2=args.b2,
         weight_decay=args.weight_decay, clip=args.clip,
         batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
-        accumulate_steps=args.accumulate_steps, target_se=args.target_se)
+        accumulate_steps=args.accumulate_steps, target_se=args.target_se,
+        truth=args.truth)
     fidelity.run_fidelity(cfg, out_dir=args.out, progress=True)
     print(f"wrote {args.out}/fidelity.json, table.md, fidelity.png")
     return 0

@@ -65,6 +65,20 @@ def test_monte_carlo_truth_beyond_12_players():
   assert s["estimators"]["secant@midpoint"]["pearson_shapley"] >= 0.99
 
 
+def test_forced_monte_carlo_agrees_with_exact():
+  """--truth monte_carlo at B = 10: the permutation estimate is within a few
+  standard errors of exact enumeration (same step, same utility)."""
+  kw = dict(models=("mlp",), steps=(3,), accumulate_steps=0, val_size=40)
+  ex = F.run_fidelity(F.Config(**kw), out_dir=None, verbose=False)
+  mc = F.run_fidelity(F.Config(truth="monte_carlo", target_se=0.02, **kw),
+                      out_dir=None, verbose=False)
+  (e,), (m,) = ex["models"][0]["steps"], mc["models"][0]["steps"]
+  assert m["truth"] == "monte_carlo"
+  exact, sampled = np.array(e["shapley"]), np.array(m["shapley"])
+  spread = exact.std()
+  assert np.abs(sampled - exact).max() <= 5 * m["shapley_se_over_spread"] * spread + 1e-12
+
+
 def test_cli_rejects_unknown_model():
   with pytest.raises(ValueError, match="unknown model"):
     cli.main(["fidelity", "--models", "resnet", "--out", "unused"])

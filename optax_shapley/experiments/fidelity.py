@@ -78,6 +78,8 @@ class Config:
     target_se: Monte-Carlo stopping rule, largest standard error over the
       values' standard deviation.
     max_permutations: Monte-Carlo budget per step.
+    truth: ``"auto"`` (exact for ``B <= 12``, else Monte-Carlo), ``"exact"``
+      or ``"monte_carlo"``.
   """
   models: tuple[str, ...] = MODELS
   steps: tuple[int, ...] = DEFAULT_STEPS
@@ -93,8 +95,13 @@ class Config:
   accumulate_steps: int = 20
   target_se: float = 0.02
   max_permutations: int = 2000
+  truth: str = "auto"
 
   def __post_init__(self):
+    if self.truth not in ("auto", "exact", "monte_carlo"):
+      raise ValueError(f"truth must be auto, exact or monte_carlo, got {self.truth!r}")
+    if self.truth == "exact" and self.batch_size > 16:
+      raise ValueError("exact Shapley enumerates 2^B coalitions; use B <= 16")
     unknown = set(self.models) - set(MODELS)
     if unknown:
       raise ValueError(f"unknown model(s) {sorted(unknown)}; choose from {MODELS}")
@@ -171,17 +178,19 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformation:
 
 
 def shapley_truth(utility, num_players: int, key, target_se: float = 0.02,
-                  max_permutations: int = 2000, round_size: int = 100):
+                  max_permutations: int = 2000, round_size: int = 100,
+                  method: str = "auto"):
   """Shapley values of ``utility`` with standard errors and the method used.
 
-  Exact enumeration for ``num_players <= 12``; otherwise antithetic
+  Exact enumeration for ``num_players <= 12`` (``method="auto"``) or always
+  (``"exact"``); otherwise (or with ``"monte_carlo"``) antithetic
   Monte-Carlo permutations in rounds of ``round_size`` until
   ``max(stderr) <= target_se * std(values)`` or ``max_permutations``.
 
   Returns:
     ``(values f64[n], stderr f64[n], method, permutations)``.
   """
-  if num_players <= EXACT_MAX_PLAYERS:
+  if method == "exact" or (method == "auto" and num_players <= EXACT_MAX_PLAYERS):
     v = truth.exact_shapley(utility, num_players)
     return v, np.zeros(num_players), "exact", 0
   total, mean, var, used = 0, None, None, 0
@@ -283,7 +292,8 @@ def run_model(problem: Problem, cfg: Config, progress: bool = False) -> dict:
     utility = truth.step_utility(inner, state.inner_state, params, pe, val_loss)
     key, sub = jax.random.split(key)
     shap, se, method, perms = shapley_truth(utility, b, sub, cfg.target_se,
-                                            cfg.max_permutations)
+                                            cfg.max_permutations,
+                                            method=cfg.truth)
     loo = truth.leave_one_out(utility, b)
     whole = float(utility(np.ones(b))) - float(utility(np.zeros(b)))
     params, state = shapley_step(params, state, jnp.asarray(ids, jnp.int32),
