@@ -51,6 +51,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Callable, Iterator
 
@@ -280,30 +281,21 @@ def step_utility(
   (num_players,) = sizes
   scale = 1.0 / num_players if reduction == "mean" else 1.0
 
-  def mean_val_loss(p):
-    return jnp.mean(val_loss(p))
-
-  def single(mask, p, grads, state, base_loss):
-    mask = mask.astype(jax.tree.leaves(grads)[0].dtype)
-    g = jax.tree.map(lambda x: scale * jnp.tensordot(mask, x, axes=1), grads)
-    updates, _ = tx.update(g, state, p)
-    return base_loss - mean_val_loss(optax.apply_updates(p, updates))
-
-  def batched(mask, p, grads, state, base_loss):
-    lead = mask.shape[:-1]
-    flat = jnp.reshape(mask, (-1, num_players))
-    out = jax.vmap(single, in_axes=(0, None, None, None, None))(
-        flat, p, grads, state, base_loss
-    )
-    return jnp.reshape(out, lead)
-
-  compiled = jax.jit(batched)
+  try:      # one compiled program per (tx, val_loss): later steps reuse it
+    hash((tx, val_loss))
+    compiled = functools.partial(_utility_batch, tx=tx, val_loss=val_loss,
+                                 scale=scale)
+    mean_loss = functools.partial(_mean_val_loss, val_loss=val_loss)
+  except TypeError:
+    compiled = jax.jit(functools.partial(_utility_batch.__wrapped__, tx=tx,
+                                         val_loss=val_loss, scale=scale))
+    mean_loss = jax.jit(lambda p: jnp.mean(val_loss(p)))
 
   with _precision(dtype):
     p = _cast_floats(params, dtype)
     grads = _cast_floats(per_example_grads, dtype)
     state = _cast_floats(opt_state, dtype)
-    base_loss = jax.jit(mean_val_loss)(p)
+    base_loss = mean_loss(p)
 
   def utility(mask):
     with _precision(dtype):
@@ -318,6 +310,25 @@ def step_utility(
 
   utility.num_players = num_players  # type: ignore[attr-defined]
   return utility
+
+
+@functools.partial(jax.jit, static_argnames=("val_loss",))
+def _mean_val_loss(p, *, val_loss):
+  return jnp.mean(val_loss(p))
+
+
+@functools.partial(jax.jit, static_argnames=("tx", "val_loss", "scale"))
+def _utility_batch(mask, p, grads, state, base_loss, *, tx, val_loss, scale):
+  """``U`` on every row of ``mask`` f[..., B] (see :func:`step_utility`)."""
+  def single(m):
+    m = m.astype(jax.tree.leaves(grads)[0].dtype)
+    g = jax.tree.map(lambda x: scale * jnp.tensordot(m, x, axes=1), grads)
+    updates, _ = tx.update(g, state, p)
+    return base_loss - jnp.mean(val_loss(optax.apply_updates(p, updates)))
+
+  lead = mask.shape[:-1]
+  flat = jnp.reshape(mask, (-1, mask.shape[-1]))
+  return jnp.reshape(jax.vmap(single)(flat), lead)
 
 
 # ---------------------------------------------------------------------------
