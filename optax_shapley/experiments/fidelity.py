@@ -363,8 +363,10 @@ def run_fidelity(cfg: Config = Config(), out_dir: str | None = "runs/fidelity",
 def _cell(x: float) -> str:
   if x != x:                                   # NaN
     return "-"
-  if abs(x) >= 0.9995 and abs(x) < 1:
+  if abs(x) >= 0.9995:
     return f"{x:.5f}"
+  if abs(x) >= 0.99:
+    return f"{x:.4f}"
   return f"{x:.3f}"
 
 
