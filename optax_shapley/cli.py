@@ -7,6 +7,8 @@ Subcommands:
   fidelity  every estimator against exact Shapley and leave-one-out of the
             real Adam step on three bundled models (see
             :mod:`optax_shapley.experiments.fidelity`).
+  bench     step time of the attributed step against the plain optax step
+            (see :mod:`optax_shapley.experiments.bench`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "B <= 12 (default: %(default)s)")
   fid.add_argument("--out", default="runs/fidelity",
                    help="output folder (default: %(default)s)")
+  bench = sub.add_parser(
+      "bench",
+      help="throughput of the attributed step against plain optax",
+      description="Time the plain optax.adam step, the attributed step in "
+                  "each contraction mode and the naive vmap(grad) baseline, "
+                  "interleaved in one process; report throughput and memory "
+                  "ratios. Writes bench.json and table.md.")
+  bench.add_argument("--models", default="mlp,cnn,transformer",
+                     help="comma-separated subset of mlp,cnn,transformer "
+                          "(default: %(default)s)")
+  bench.add_argument("--val-sizes", default="4,16,64",
+                     help="validation sizes V (default: %(default)s)")
+  bench.add_argument("--modes", default="plain,exact,auto,naive",
+                     help="comma-separated subset of plain,exact,auto,naive "
+                          "(default: %(default)s)")
+  bench.add_argument("--batch-size", type=_positive, default=256)
+  bench.add_argument("--text-batch-size", type=_positive, default=64)
+  bench.add_argument("--seq-len", type=_positive, default=128)
+  bench.add_argument("--rounds", type=_positive, default=20,
+                     help="timed steps per mode (default: %(default)s)")
+  bench.add_argument("--out", default="runs/bench",
+                     help="output folder (default: %(default)s)")
   return parser
 
 
@@ -130,6 +154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         truth=args.truth)
     fidelity.run_fidelity(cfg, out_dir=args.out, progress=True)
     print(f"wrote {args.out}/fidelity.json, table.md, fidelity.png")
+    return 0
+  if args.command == "bench":
+    from optax_shapley.experiments import bench
+    names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
+    modes = names(args.modes)
+    if "plain" not in modes:
+      modes = ("plain",) + modes
+    cfg = bench.BenchConfig(
+        models=names(args.models), val_sizes=_ints(args.val_sizes), modes=modes,
+        batch_size=args.batch_size, text_batch_size=args.text_batch_size,
+        seq_len=args.seq_len, rounds=args.rounds)
+    bench.run_bench(cfg, out_dir=args.out)
+    print(f"wrote {args.out}/bench.json, table.md")
     return 0
   return 2  # unreachable: argparse rejects unknown commands
 
