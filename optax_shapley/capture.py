@@ -257,6 +257,9 @@ def _batched_keys(per_example_loss, params, args, batch):
     if _is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch:
       return jax.ShapeDtypeStruct((batch + 1,) + tuple(x.shape[1:]), x.dtype)
     return x
+  if not any(_is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch
+             for x in jax.tree.leaves(args)):
+    return None       # nothing batched to grow (data closed over): shape test
   try:
     _, records = _discover(per_example_loss, params, jax.tree.map(grow, args))
   except Exception:  # pylint: disable=broad-except
@@ -393,7 +396,8 @@ def value_grad_and_factors(
 
 
 def contract(factors: Factors, directions: Any,
-             skip_leaves: tuple[int, ...] = ()) -> jax.Array:
+             skip_leaves: tuple[int, ...] = (),
+             skip_calls: tuple[int, ...] = ()) -> jax.Array:
   """``x_i . d_e`` for every example ``i`` and every direction ``e``.
 
   Args:
@@ -403,6 +407,8 @@ def contract(factors: Factors, directions: Any,
     skip_leaves: indices (``jax.tree.leaves(params)`` order) of leaves whose
       direction is known to be zero (frozen parameters): calls owning only
       such leaves and fallback work on them are skipped.
+    skip_calls: indices into ``factors.plans`` of calls contracted elsewhere
+      (the ghost rule).
 
   Returns:
     f32[B, E] where entry ``(i, e)`` is ``c * grad l_i(w) . d_e``.
@@ -411,8 +417,9 @@ def contract(factors: Factors, directions: Any,
   num_dirs = d_leaves[0].shape[0]
   total = jnp.zeros((factors.batch_size, num_dirs), jnp.float32)
   skip = frozenset(skip_leaves)
-  for plan, (arrays, cotangent) in zip(factors.plans, factors.calls):
-    if skip and all(i in skip for _, i in plan.param_map):
+  for n, (plan, (arrays, cotangent)) in enumerate(zip(factors.plans,
+                                                      factors.calls)):
+    if n in skip_calls or (skip and all(i in skip for _, i in plan.param_map)):
       continue
     call_args, call_kwargs = _unflatten_call_args(plan, arrays)
 

@@ -115,11 +115,11 @@ def fixed_state_direction(val_grad, adam_state: optax.ScaleByAdamState, *,
     nu, tv = adam_state.nu, t
   bc2 = 1.0 - b2 ** tv
 
-  def one(v, n):
+  def scale(n):
     vhat = jnp.where(bc2 > 0, n / jnp.where(bc2 > 0, bc2, 1.0), 0.0)
-    return learning_rate * c1 / (jnp.sqrt(vhat) + eps) * v
+    return learning_rate * c1 / (jnp.sqrt(vhat) + eps)
 
-  return jax.tree.map(one, val_grad, nu)
+  return jax.tree.map(lambda v, n: scale(n) * v, val_grad, nu)
 
 
 def linearized_direction(update_fn: UpdateFn, g, val_grad) -> Any:
@@ -301,6 +301,45 @@ def coalition_values(update_fn: UpdateFn, u_0, shares, val_grad, key, *,
   marginal = curve[:, 1:] - curve[:, :-1]                      # [P, B] by position
   per_player = jnp.take_along_axis(marginal, rank, axis=1)     # [P, B] by player
   return per_player.mean(axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise scales: d = S * v.  The ghost rule factors S per Dense kernel.
+
+
+def scale_times(scale, val_grad):
+  """``d = S * v`` leaf by leaf, non-finite entries set to 0."""
+  return _finite_or_zero(jax.tree.map(lambda a, v: a * v, scale, val_grad))
+
+
+def sgd_scale(like, *, learning_rate):
+  """``S = eta`` everywhere (:func:`sgd_direction`)."""
+  return jax.tree.map(lambda x: jnp.full(jnp.shape(x), learning_rate,
+                                         jnp.float32), like)
+
+
+def fixed_state_scale(like, adam_state, *, learning_rate, b1, b2, eps,
+                      previous=False, prev_state=None):
+  """``S`` of :func:`fixed_state_direction`: ``d = S * v``."""
+  ones = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), jnp.float32), like)
+  return fixed_state_direction(ones, adam_state, learning_rate=learning_rate,
+                               b1=b1, b2=b2, eps=eps, previous=previous,
+                               prev_state=prev_state)
+
+
+def linearized_scale(update_fn: UpdateFn, g):
+  """``S = -du/dg`` for an elementwise optimizer (its Jacobian is diagonal):
+  one ``jax.jvp`` with a tangent of ones; non-finite entries set to 0."""
+  ones = jax.tree.map(jnp.ones_like, g)
+  _, deriv = jax.jvp(update_fn, (g,), (ones,))
+  return _finite_or_zero(jax.tree.map(jnp.negative, deriv))
+
+
+def secant_scale(update_fn: UpdateFn, g, u_g, u_0, *, rtol: float = 1e-3):
+  """``S = -(u(g) - u(0)) / g`` elementwise, as in :func:`secant_direction`."""
+  ones = jax.tree.map(jnp.ones_like, g)
+  return secant_direction(update_fn, g, u_g, u_0, ones, elementwise=True,
+                          rtol=rtol)
 
 
 def evaluation_point(name: str, params, u_g, u_0=None):

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shapley import capture, metrics
+import flax.linen as nn
+
+from optax_shapley import capture, ghost, layers, metrics
 
 # Bits of ShapleyState.error: why a step's credit was skipped.
 ERROR_ID_OUT_OF_RANGE = 1
@@ -30,6 +32,8 @@ ERROR_CAPTURE_MISMATCH = 8
 # sum_i x_i . d must equal grads . d (the x_i add up to the batch gradient);
 # a larger relative gap means the capture missed a use of some parameter.
 CAPTURE_RTOL = 1e-2
+# Examples on which ghost values are checked against the exact rule each step.
+GHOST_SPOT_CHECK = 8
 _ERROR_TEXT = {
     ERROR_ID_OUT_OF_RANGE: "an example id was out of range [0, num_examples)",
     ERROR_DUPLICATE_ID: "an example id appeared twice in one batch",
@@ -107,6 +111,8 @@ def with_shapley(
     elementwise: bool = False,
     secant_nodes: int = 3,
     coalition_permutations: int = 64,
+    ghost_rank: int = 1,
+    ghost_tol: float = 0.05,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` to accumulate per-example in-run data Shapley values.
 
@@ -139,7 +145,18 @@ def with_shapley(
       pairs with ``metric`` (a single name is broadcast).
     batch_size: the (global) batch size ``B``, to size ``step_values`` at
       ``init``; if ``None`` the first update changes its shape (one retrace).
-    contraction: ``"auto"`` or ``"exact"`` (both exact contraction now).
+    contraction: ``"exact"``: every module call by its exact rule;
+      ``"ghost"``: ``nn.Dense`` kernels by the ghost rule
+      (:mod:`optax_shapley.ghost`: validation factors and a rank
+      ``ghost_rank`` factorisation of the elementwise metric) wherever the
+      metric is elementwise; ``"auto"`` (default): per Dense call, the ghost
+      rule where its cost model says it is cheaper, else exact.
+    ghost_rank: ``K`` of the metric factorisation (1 = the paper's
+      Linearized Ghost Approximation).
+    ghost_tol: a Dense call keeps its ghost values at a step only if they
+      are within this relative error of the exact rule on the first
+      ``GHOST_SPOT_CHECK`` examples (a cheap spot check); otherwise that call
+      is contracted exactly (``inf``: always ghost).
     axis_name: the data-parallel axis under ``jax.pmap`` / ``jax.shard_map``.
     learning_rate, b1, b2, eps: the Adam hyperparameters, needed by the
       ``sgd`` (``learning_rate`` only) and ``fixed_state`` metrics.
@@ -158,8 +175,9 @@ def with_shapley(
   """
   ests = _estimators(metric, evaluation)
   multi = isinstance(metric, (tuple, list)) or isinstance(evaluation, (tuple, list))
-  if contraction not in ("auto", "exact"):
-    raise ValueError(f"contraction must be 'auto' or 'exact', got {contraction!r}")
+  if contraction not in ("auto", "exact", "ghost"):
+    raise ValueError("contraction must be 'auto', 'exact' or 'ghost', got "
+                     f"{contraction!r}")
   if num_examples <= 0:
     raise ValueError(f"num_examples must be positive, got {num_examples}")
   used = {m for m, _ in ests}
@@ -209,43 +227,68 @@ def with_shapley(
     u_0 = update_of(jax.tree.map(jnp.zeros_like, grads)) if need_zero else None
 
     val_mean = _validation_objective(val_loss, params)
-    val_grads = {}
+    want_ghost = contraction != "exact" and any(
+        isinstance(p.module, nn.Dense) for p in factors.plans)
+    val_grads, val_calls = {}, {}
     for e in dict.fromkeys(e for _, e in ests):
       w_bar = metrics.evaluation_point(e, params, u_g, u_0)
-      val_grads[e] = jax.grad(val_mean)(w_bar)
+      if want_ghost:   # the validation pass also keeps its Dense factors
+        _, val_grads[e], vf = capture.value_grad_and_factors(
+            lambda p: val_mean.per_example(p))(w_bar)
+        val_calls[e] = {pl.key: c for pl, c in zip(vf.plans, vf.calls)}
+      else:
+        val_grads[e] = jax.grad(val_mean)(w_bar)
 
     eta = (metrics.learning_rate_at(learning_rate, state.count)
            if learning_rate is not None else None)
     frozen = metrics.frozen_leaves(update_of, grads)
     linear = [k for k, (m, _) in enumerate(ests) if m in metrics.LINEAR_METRICS]
-    dirs = []
+    dirs, scales = [], []
     for k in linear:
       m, e = ests[k]
       v = val_grads[e]
+      scale = None                       # S with d = S * v, when elementwise
       if m == "sgd":
-        d = metrics.sgd_direction(v, learning_rate=eta)
+        scale = metrics.sgd_scale(grads, learning_rate=eta)
       elif m == "fixed_state":
-        d = metrics.fixed_state_direction(
-            v, metrics.find_adam_state(new_inner), learning_rate=eta, b1=b1,
-            b2=b2, eps=eps, previous=fixed_state_previous,
+        scale = metrics.fixed_state_scale(
+            grads, metrics.find_adam_state(new_inner), learning_rate=eta,
+            b1=b1, b2=b2, eps=eps, previous=fixed_state_previous,
             prev_state=metrics.find_adam_state(state.inner_state))
+      elif elementwise and m == "linearized":
+        scale = metrics.linearized_scale(update_of, grads)
+      elif elementwise:
+        scale = metrics.secant_scale(update_of, grads, u_g, u_0)
+      if scale is not None:
+        d = metrics.scale_times(scale, v)
       elif m == "linearized":
         d = metrics.linearized_direction(update_of, grads, v)
       else:
         d = metrics.secant_direction(update_of, grads, u_g, u_0, v,
-                                     elementwise=elementwise, nodes=secant_nodes)
+                                     elementwise=False, nodes=secant_nodes)
       dirs.append(_zero_leaves(d, frozen))
+      scales.append(scale)
     # Under data parallelism x_i carries 1/B_local for a mean; 1/B_global wanted.
     dp_mean = axis_name is not None and factors.reduction == "mean"
     n_dev = jax.lax.psum(1, axis_name) if dp_mean else 1
     columns = [None] * num_est
     mismatch = jnp.zeros([], jnp.int32)
     if dirs:
+      plans = _ghost_plans(factors, linear, ests, scales, val_calls, frozen,
+                           contraction, ghost_rank)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *dirs)
-      lin = capture.contract(factors, stacked, frozen) / n_dev  # f32[B_local, E_lin]
+      lin = capture.contract(factors, stacked, frozen,
+                             skip_calls=tuple(plans))     # f32[B_local, E_lin]
+      check_dirs = stacked
+      if plans:
+        extra, check_dirs = _ghost_contract(
+            factors, plans, linear, ests, scales, val_grads, val_calls, stacked,
+            ghost_rank, ghost_tol)
+        lin = lin + extra
+      lin = lin / n_dev
       for j, k in enumerate(linear):
         columns[k] = lin[:, j]
-      mismatch = _check_sum(lin, grads, stacked, axis_name)
+      mismatch = _check_sum(lin, grads, check_dirs, axis_name)
     if len(linear) < num_est:
       shares = jax.tree.map(lambda x: x / n_dev,
                             capture.per_example_grads(factors, grads, frozen))
@@ -280,6 +323,87 @@ def with_shapley(
     return u_g, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _ghost_plans(factors, linear, ests, scales, val_calls, frozen, contraction,
+                 rank) -> dict:
+  """Indices of the Dense calls to contract by the ghost rule: every linear
+  estimator has an elementwise scale, the validation pass saw the call, its
+  kernel is trainable, and (``"auto"``) the ghost rule costs less."""
+  if contraction == "exact" or not linear or any(scales[j] is None
+                                                 for j in range(len(linear))):
+    return {}
+  chosen = {}
+  for idx, plan in enumerate(factors.plans):
+    if type(plan.module) is not nn.Dense or plan.method != "__call__":
+      continue
+    names = {path: i for path, i in plan.param_map}
+    kernel = names.get(("kernel",))
+    if kernel is None or kernel in frozen:
+      continue
+    if any(plan.key not in val_calls[ests[k][1]] for k in linear):
+      continue
+    inputs, cot = factors.calls[idx]
+    (a,) = inputs
+    tokens = int(np.prod(a.shape[:-1]))
+    d_in, d_out = a.shape[-1], cot.shape[-1]
+    val_tokens = max(int(np.prod(val_calls[ests[k][1]][plan.key][0][0].shape[:-1]))
+                     for k in linear)
+    if (contraction == "ghost" or ghost.ghost_cost(
+        tokens, val_tokens, d_in, d_out, rank) < ghost.exact_cost(tokens, d_in, d_out)):
+      chosen[idx] = (kernel, names.get(("bias",)))
+  return chosen
+
+
+def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
+                    stacked, rank, tol):
+  """Values of the chosen Dense calls, f32[B_local, E_lin], and the
+  directions they add up to (for the add-up check).
+
+  Per call and estimator the scale is factored (rank 1: log-magnitude two-way
+  means weighted by ``|G|``; rank ``K > 1``: subspace iteration) and the
+  ghost values are spot-checked against the exact rule on the first
+  ``GHOST_SPOT_CHECK`` examples: within ``tol`` (relative 2-norm) the ghost
+  values stand, otherwise the call is contracted exactly (``lax.cond``: the
+  exact branch only runs when needed).
+  """
+  d_leaves = list(factors.params_treedef.flatten_up_to(stacked))
+  total = jnp.zeros((factors.batch_size, len(linear)), jnp.float32)
+  for idx, (kernel, bias) in plans.items():
+    plan = factors.plans[idx]
+    (a,), b = factors.calls[idx]
+    call_args, call_kwargs = capture._unflatten_call_args(plan, ((a,)))  # pylint: disable=protected-access
+    cols = []
+    for j, k in enumerate(linear):
+      e = ests[k][1]
+      s_k = jax.tree.leaves(scales[j])[kernel].astype(jnp.float32)
+      g_k = jax.tree.leaves(val_grads[e])[kernel].astype(jnp.float32)
+      if rank == 1:
+        r, q = ghost.factor_log_metric(s_k, jnp.abs(g_k))
+      else:
+        r, q = ghost.factor_metric(s_k, rank)
+      approx = (r @ q.T) * g_k
+      true = d_leaves[kernel][j]
+      (va,), vb = val_calls[e][plan.key]
+      bias_dir = None if bias is None else d_leaves[bias][j]
+      d_mod = capture.module_direction(plan, [x[j] for x in d_leaves])
+      ghost_vals = ghost.ghost_values(a, b, va, vb, r, q, bias_dir)
+      # Spot check: the exact rule on the first few examples of the batch.
+      m = min(GHOST_SPOT_CHECK, factors.batch_size)
+      spot = layers.contract(plan.module, plan.method, d_mod, (a[:m],),
+                             call_kwargs, b[:m])
+      err = (jnp.linalg.norm(ghost_vals[:m] - spot)
+             / (jnp.linalg.norm(spot) + 1e-30))
+      ok = err <= tol
+
+      def use_exact(_, d_mod=d_mod, b=b):
+        return layers.contract(plan.module, plan.method, d_mod, call_args,
+                               call_kwargs, b)
+
+      cols.append(jax.lax.cond(ok, lambda _, gv=ghost_vals: gv, use_exact, None))
+      d_leaves[kernel] = d_leaves[kernel].at[j].set(jnp.where(ok, approx, true))
+    total = total + jnp.stack(cols, axis=1)
+  return total, jax.tree.unflatten(factors.params_treedef, d_leaves)
 
 
 def _coalitions(update_of, u_0, shares, val_grad, count, axis_name,
@@ -331,7 +455,11 @@ def _validation_objective(val_loss, params) -> Callable:
     raise ValueError(
         "val_loss(params) must return per-example validation losses of shape "
         f"[V]; got {getattr(out, 'shape', type(out))}")
-  return lambda p: jnp.mean(val_loss(p).astype(jnp.float32))
+  def mean(p):
+    return jnp.mean(val_loss(p).astype(jnp.float32))
+
+  mean.per_example = lambda p: val_loss(p).astype(jnp.float32)
+  return mean
 
 
 def _check_concrete_ids(ids, num_examples):

@@ -1,0 +1,111 @@
+"""Ghost (pairwise) contraction for ``nn.Dense``: train against validation factors.
+
+For a Dense layer ``y = a W + c`` with an elementwise metric (so the
+kernel's direction is ``d_W = S * G``, ``S`` the metric's elementwise scale,
+``G = grad_W L(wbar) = sum_r a'_r b'_r^T`` over the validation tokens ``r``
+at the evaluation point), factoring the scale to rank ``K``,
+``S ~= sum_k r_k q_k^T``, gives (DESIGN.md section 3)::
+
+    x_i . d_W = sum_{s, k, r} ((a_is * r_k) . a'_r) ((b_is * q_k) . b'_r)
+
+at a cost of ``B T R K (d_in + d_out)`` multiply-adds (``R = V T'``) instead
+of ``B T d_in d_out`` for the exact rule; no per-example gradient and no
+``d_W`` is formed.  ``K = 1`` is the paper's Linearized Ghost Approximation
+(Ding et al. 2026).  Exact when ``M`` has rank ``<= K`` (the ``sgd`` metric);
+otherwise the error is that of the rank-``K`` factorisation.
+
+The factorisation is a subspace iteration (Halko, Martinsson, Tropp 2011,
+Algorithm 4.4) started from the all-ones vector and its first ``K - 1``
+cosine modes: ``S ~= U (U^T S W) W^T`` with orthonormal ``U``, ``W``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def factor_log_metric(m: jax.Array, weight: jax.Array | None = None):
+  """Rank-1 ``(r, q)`` from the two-way additive model of ``log |m|``.
+
+  ``log |m_jl| ~= alpha_j + beta_l`` by (weighted) row and column means, so
+  ``m ~= exp(alpha) exp(beta)^T``: Adafactor's factorisation (Shazeer and
+  Stern 2018) applied to the metric's log-magnitude, which keeps the
+  multiplicative ``1 / sqrt(vhat)`` structure of Adam and is not pulled by a
+  few huge entries (``vhat = 0`` rows).  ``weight`` f[d_in, d_out] >= 0
+  (e.g. ``|G|``) says which entries matter.  Signs are dropped: use it for
+  metrics of one sign.
+  """
+  lm = jnp.log(jnp.abs(m.astype(jnp.float32)) + 1e-30)
+  w = jnp.ones_like(lm) if weight is None else weight.astype(jnp.float32) + 1e-12
+  grand = jnp.sum(w * lm) / jnp.sum(w)
+  alpha = jnp.sum(w * lm, axis=1) / jnp.sum(w, axis=1) - grand
+  beta = jnp.sum(w * (lm - alpha[:, None]), axis=0) / jnp.sum(w, axis=0)
+  return jnp.exp(alpha)[:, None], jnp.exp(beta)[:, None]
+
+
+def factor_metric(m: jax.Array, rank: int = 1, iterations: int = 2):
+  """``(r, q)`` with ``m ~= r @ q.T``: ``r`` f32[d_in, K], ``q`` f32[d_out, K].
+
+  Args:
+    m: f32[d_in, d_out], the elementwise scale ``S`` of one kernel.
+    rank: ``K``.
+    iterations: subspace-iteration steps (each two matmuls with ``m``).
+  """
+  d_in, d_out = m.shape
+  k = min(rank, d_in, d_out)
+  m = m.astype(jnp.float32)
+  grid = np.arange(d_out)[:, None] + 0.5
+  start = np.cos(np.pi * grid * np.arange(k)[None, :] / d_out)   # [d_out, K]
+  w = jnp.asarray(start / np.linalg.norm(start, axis=0), jnp.float32)
+  for _ in range(iterations):
+    u, _ = jnp.linalg.qr(m @ w)
+    w, _ = jnp.linalg.qr(m.T @ u)
+  core = u.T @ m @ w                                              # [K, K]
+  return u, w @ core.T
+
+
+def ghost_values(inputs, cotangent, val_inputs, val_cotangent, r, q,
+                 bias_direction=None):
+  """``x_i . d`` for one Dense call by the ghost rule, f32[B].
+
+  Args:
+    inputs: ``a``, f[B, ..., d_in], the call's training inputs.
+    cotangent: ``b = c dl_i/dy``, f[B, ..., d_out].
+    val_inputs, val_cotangent: ``a'``, ``b'`` of the same call in the
+      validation pass at the evaluation point, any leading shape (flattened
+      to the ``R`` validation tokens); ``b'`` is the cotangent of the mean
+      validation loss.
+    r, q: the metric factors, f32[d_in, K] and f32[d_out, K].
+    bias_direction: the bias's direction ``d_c`` f[d_out] (exact, cheap), or
+      ``None`` without a bias.
+
+  Returns:
+    f32[B]: ``sum_{s,k,r} ((a_is*r_k).a'_r)((b_is*q_k).b'_r) + sum_s b_is.d_c``.
+  """
+  f32 = jnp.float32
+  batch = inputs.shape[0]
+  a = inputs.reshape(batch, -1, inputs.shape[-1]).astype(f32)       # [B,T,i]
+  b = cotangent.reshape(batch, -1, cotangent.shape[-1]).astype(f32)  # [B,T,o]
+  ap = val_inputs.reshape(-1, val_inputs.shape[-1]).astype(f32)     # [R,i]
+  bp = val_cotangent.reshape(-1, val_cotangent.shape[-1]).astype(f32)
+  left = jnp.einsum("bti,ik,ri->btkr", a, r, ap)
+  right = jnp.einsum("bto,ok,ro->btkr", b, q, bp)
+  out = jnp.sum(left * right, axis=(1, 2, 3))
+  if bias_direction is not None:
+    out = out + jnp.einsum("bto,o->b", b, bias_direction.astype(f32))
+  return out
+
+
+def exact_cost(tokens: int, d_in: int, d_out: int) -> int:
+  """Multiply-adds of the exact Dense rule: ``B T d_in d_out``."""
+  return tokens * d_in * d_out
+
+
+def ghost_cost(tokens: int, val_tokens: int, d_in: int, d_out: int, rank: int,
+               iterations: int = 2) -> int:
+  """Multiply-adds of the ghost rule, factorisation included:
+  ``B T R K (d_in + d_out) + (4 iterations + 2) K d_in d_out``."""
+  return (tokens * val_tokens * rank * (d_in + d_out)
+          + (4 * iterations + 2) * rank * d_in * d_out)

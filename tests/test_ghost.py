@@ -1,0 +1,110 @@
+"""The ghost (pairwise) contraction for nn.Dense against the exact rule."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_shapley as oxs
+from optax_shapley import ghost
+
+B, N, D, H, C, V, T = 8, 40, 6, 12, 3, 5, 4
+_K = jax.random.split(jax.random.key(0), 6)
+
+
+class SeqMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):                    # [B, T, D] -> [B, C]
+    h = jnp.tanh(nn.Dense(H)(x))
+    h = nn.LayerNorm()(h)
+    return nn.Dense(C)(h.mean(axis=1))
+
+
+MODEL = SeqMLP()
+X = jax.random.normal(_K[0], (N, T, D))
+Y = jax.random.randint(_K[1], (N,), 0, C)
+XV = jax.random.normal(_K[2], (V, T + 1, D))   # another sequence length
+YV = jnp.arange(V) % C
+PARAMS = MODEL.init(_K[3], X[:B])["params"]
+
+
+def pel(p, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(
+      MODEL.apply({"params": p}, x), y)
+
+
+def val_loss(p):
+  return pel(p, XV, YV)
+
+
+def _values(contraction, metric, steps=4, **kw):
+  tx = oxs.adam(1e-2, num_examples=N, batch_size=B, metric=metric,
+                evaluation="midpoint" if metric != "sgd" else "start",
+                contraction=contraction, **kw)
+
+  @jax.jit
+  def step(p, s, x, y, ids):
+    _, g, f = oxs.value_grad_and_factors(pel)(p, x, y)
+    u, s = tx.update(g, s, p, factors=f, example_ids=ids, val_loss=val_loss)
+    return optax.apply_updates(p, u), s
+
+  p, s, out = PARAMS, tx.init(PARAMS), []
+  for t in range(steps):
+    ids = np.arange(B) + B * (t % (N // B))
+    p, s = step(p, s, X[ids], Y[ids], jnp.asarray(ids))
+    out.append(np.asarray(oxs.step_values(s)))
+  oxs.check(s)
+  return np.stack(out)
+
+
+def test_ghost_values_match_the_dense_contraction():
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(5, 3, 6)), rng.normal(size=(5, 3, 7))
+  ap, bp = rng.normal(size=(2, 4, 6)), rng.normal(size=(2, 4, 7))
+  r, q = rng.normal(size=(6, 2)), rng.normal(size=(7, 2))
+  c = rng.normal(size=7)
+  d_w = (r @ q.T) * (ap.reshape(-1, 6).T @ bp.reshape(-1, 7))
+  ref = np.einsum("bti,io,bto->b", a, d_w, b) + np.einsum("bto,o->b", b, c)
+  got = ghost.ghost_values(*(jnp.asarray(z) for z in (a, b, ap, bp, r, q, c)))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_factorisations():
+  rng = np.random.default_rng(1)
+  row, col = rng.random(9) + 0.1, rng.random(5) + 0.1
+  r, q = ghost.factor_log_metric(jnp.asarray(np.outer(row, col)))
+  np.testing.assert_allclose(r @ q.T, np.outer(row, col), rtol=1e-5)
+  m = rng.normal(size=(9, 5)) @ np.diag([5.0, 2.0, 0, 0, 0]) @ rng.normal(size=(5, 5))
+  r, q = ghost.factor_metric(jnp.asarray(m), rank=2, iterations=4)
+  np.testing.assert_allclose(r @ q.T, m, atol=1e-4 * np.abs(m).max())
+
+
+def test_forced_ghost_is_exact_for_a_rank_one_metric():
+  """The sgd metric is eta everywhere (rank 1): ghost = exact rule."""
+  exact = _values("exact", "sgd")
+  forced = _values("ghost", "sgd", ghost_tol=float("inf"))
+  np.testing.assert_allclose(forced, exact, rtol=1e-4,
+                             atol=1e-5 * np.abs(exact).max())
+
+
+def test_spot_check_falls_back_to_exact():
+  """With tolerance 0 the spot check rejects every ghost result: values are
+  the exact ones; with an infinite tolerance they are the rank-1 ghost's."""
+  exact = _values("exact", "secant")
+  strict = _values("ghost", "secant", ghost_tol=0.0)
+  np.testing.assert_allclose(strict, exact, rtol=1e-5,
+                             atol=1e-6 * np.abs(exact).max())
+  loose = _values("ghost", "secant", ghost_tol=float("inf"))
+  assert not np.allclose(loose, exact, rtol=1e-3)
+  r = [np.corrcoef(loose[t], exact[t])[0, 1] for t in range(len(exact))]
+  assert min(r[1:]) > 0.9, r
+
+
+@pytest.mark.parametrize("contraction", ["auto", "ghost"])
+def test_bad_contraction_name_and_modes_run(contraction):
+  vals = _values(contraction, "fixed_state", steps=2)
+  assert np.all(np.isfinite(vals))
+  with pytest.raises(ValueError, match="contraction"):
+    oxs.adam(1e-3, num_examples=N, contraction="pairwise")
