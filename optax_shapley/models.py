@@ -97,6 +97,11 @@ class CharTransformer(nn.Module):
     num_layers: number of blocks.
     mlp_dim: hidden width of the MLPs; ``None``: ``4 * d_model``.
     max_len: longest sequence the positional embedding covers.
+    positions: ``"param"`` (the raw parameter above; its per-example values
+      go through the forward-mode fallback, one extra forward and tangent
+      pass of the model per step) or ``"embed"`` (an ``nn.Embed`` looked up
+      with the position ids broadcast over the batch, so the capture's
+      gather rule applies: the fast choice).
   """
 
   vocab_size: int
@@ -105,6 +110,7 @@ class CharTransformer(nn.Module):
   num_layers: int = 2
   mlp_dim: int | None = None
   max_len: int = 256
+  positions: str = "param"
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -115,9 +121,16 @@ class CharTransformer(nn.Module):
       raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
     embed = nn.Embed(self.vocab_size, self.d_model,
                      embedding_init=nn.initializers.normal(self.d_model**-0.5))
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02),
-                     (self.max_len, self.d_model))
-    h = embed(tokens) + pos[:t]
+    if self.positions == "param":
+      pos = self.param("pos_embedding", nn.initializers.normal(0.02),
+                       (self.max_len, self.d_model))[:t]
+    elif self.positions == "embed":
+      ids = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+      pos = nn.Embed(self.max_len, self.d_model, name="pos_embed",
+                     embedding_init=nn.initializers.normal(0.02))(ids)
+    else:
+      raise ValueError(f"positions must be 'param' or 'embed', got {self.positions!r}")
+    h = embed(tokens) + pos
     mask = nn.make_causal_mask(tokens)
     mlp_dim = 4 * self.d_model if self.mlp_dim is None else self.mlp_dim
     for _ in range(self.num_layers):

@@ -102,7 +102,8 @@ def _setup(name: str, cfg: BenchConfig) -> _Setup:
     ids = rng.choice(len(split.tokens_train), cfg.text_batch_size,
                      replace=cfg.text_batch_size > len(split.tokens_train))
     model = models.CharTransformer(vocab_size=split.vocab_size, d_model=64,
-                                   num_heads=4, max_len=cfg.seq_len)
+                                   num_heads=4, max_len=cfg.seq_len,
+                                   positions="embed")
     params = model.init(key, split.tokens_train[:1])["params"]
 
     def pel(p, tok, tgt):
