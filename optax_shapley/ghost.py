@@ -103,9 +103,21 @@ def exact_cost(tokens: int, d_in: int, d_out: int) -> int:
   return tokens * d_in * d_out
 
 
+# Cost of the ghost rule's per-kernel-element work (the metric's
+# factorisation, the factored direction for the add-up check and the
+# fallback select), in multiply-add equivalents per element.  These passes
+# are memory-bound; measured on the 2-core CPU of docs/bench.md, where an
+# MLP with 256- and 1024-wide layers at B = 256 ran slower with the ghost
+# rule than with the exact one (see there).
+ELEMENT_COST = 256
+
+
 def ghost_cost(tokens: int, val_tokens: int, d_in: int, d_out: int, rank: int,
                iterations: int = 2) -> int:
-  """Multiply-adds of the ghost rule, factorisation included:
-  ``B T R K (d_in + d_out) + (4 iterations + 2) K d_in d_out``."""
+  """Multiply-add equivalents of the ghost rule: the pairwise products
+  ``B T R K (d_in + d_out)``, the spot check ``8 d_in d_out``, the
+  factorisation (``(4 iterations + 2) K d_in d_out`` for ``K > 1``) and
+  ``ELEMENT_COST d_in d_out`` of elementwise passes over the kernel."""
+  factor = (4 * iterations + 2) * rank if rank > 1 else 0
   return (tokens * val_tokens * rank * (d_in + d_out)
-          + (4 * iterations + 2) * rank * d_in * d_out)
+          + (8 + factor + ELEMENT_COST) * d_in * d_out)

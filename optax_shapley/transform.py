@@ -227,22 +227,32 @@ def with_shapley(
     u_0 = update_of(jax.tree.map(jnp.zeros_like, grads)) if need_zero else None
 
     val_mean = _validation_objective(val_loss, params)
-    want_ghost = contraction != "exact" and any(
-        isinstance(p.module, nn.Dense) for p in factors.plans)
-    val_grads, val_calls = {}, {}
-    for e in dict.fromkeys(e for _, e in ests):
-      w_bar = metrics.evaluation_point(e, params, u_g, u_0)
-      if want_ghost:   # the validation pass also keeps its Dense factors
-        _, val_grads[e], vf = capture.value_grad_and_factors(
-            lambda p: val_mean.per_example(p))(w_bar)
-        val_calls[e] = {pl.key: c for pl, c in zip(vf.plans, vf.calls)}
-      else:
-        val_grads[e] = jax.grad(val_mean)(w_bar)
-
     eta = (metrics.learning_rate_at(learning_rate, state.count)
            if learning_rate is not None else None)
     frozen = metrics.frozen_leaves(update_of, grads)
     linear = [k for k, (m, _) in enumerate(ests) if m in metrics.LINEAR_METRICS]
+
+    # Which Dense calls take the ghost rule is decided at trace time from
+    # shapes (the validation factors' shapes by jax.eval_shape), so the
+    # validation pass keeps its factors only when some call uses them.
+    val_capture = lambda w: capture.value_grad_and_factors(
+        lambda p: val_mean.per_example(p))(w)
+    plans = {}
+    if (contraction != "exact" and linear
+        and all(ests[k][0] in ("sgd", "fixed_state") or elementwise for k in linear)
+        and any(type(p.module) is nn.Dense for p in factors.plans)):
+      vf_shape = jax.eval_shape(val_capture, params)[2]
+      shape_calls = {pl.key: c for pl, c in zip(vf_shape.plans, vf_shape.calls)}
+      plans = _ghost_plans(factors, shape_calls, frozen, contraction, ghost_rank)
+    val_grads, val_calls = {}, {}
+    for e in dict.fromkeys(e for _, e in ests):
+      w_bar = metrics.evaluation_point(e, params, u_g, u_0)
+      if plans:        # the validation pass also keeps its Dense factors
+        _, val_grads[e], vf = val_capture(w_bar)
+        val_calls[e] = {pl.key: c for pl, c in zip(vf.plans, vf.calls)}
+      else:
+        val_grads[e] = jax.grad(val_mean)(w_bar)
+
     dirs, scales = [], []
     for k in linear:
       m, e = ests[k]
@@ -274,8 +284,6 @@ def with_shapley(
     columns = [None] * num_est
     mismatch = jnp.zeros([], jnp.int32)
     if dirs:
-      plans = _ghost_plans(factors, linear, ests, scales, val_calls, frozen,
-                           contraction, ghost_rank)
       stacked = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *dirs)
       lin = capture.contract(factors, stacked, frozen,
                              skip_calls=tuple(plans))     # f32[B_local, E_lin]
@@ -325,30 +333,24 @@ def with_shapley(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _ghost_plans(factors, linear, ests, scales, val_calls, frozen, contraction,
-                 rank) -> dict:
-  """Indices of the Dense calls to contract by the ghost rule: every linear
-  estimator has an elementwise scale, the validation pass saw the call, its
-  kernel is trainable, and (``"auto"``) the ghost rule costs less."""
-  if contraction == "exact" or not linear or any(scales[j] is None
-                                                 for j in range(len(linear))):
-    return {}
+def _ghost_plans(factors, val_calls, frozen, contraction, rank) -> dict:
+  """``{call index: (kernel leaf, bias leaf)}`` of the Dense calls to contract
+  by the ghost rule: the validation pass saw the call, its kernel is
+  trainable, and (``"auto"``) the cost model says the ghost rule is cheaper.
+  ``val_calls``: ``{key: (inputs, cotangent)}`` (shapes suffice)."""
   chosen = {}
   for idx, plan in enumerate(factors.plans):
     if type(plan.module) is not nn.Dense or plan.method != "__call__":
       continue
     names = {path: i for path, i in plan.param_map}
     kernel = names.get(("kernel",))
-    if kernel is None or kernel in frozen:
-      continue
-    if any(plan.key not in val_calls[ests[k][1]] for k in linear):
+    if kernel is None or kernel in frozen or plan.key not in val_calls:
       continue
     inputs, cot = factors.calls[idx]
     (a,) = inputs
     tokens = int(np.prod(a.shape[:-1]))
     d_in, d_out = a.shape[-1], cot.shape[-1]
-    val_tokens = max(int(np.prod(val_calls[ests[k][1]][plan.key][0][0].shape[:-1]))
-                     for k in linear)
+    val_tokens = int(np.prod(val_calls[plan.key][0][0].shape[:-1]))
     if (contraction == "ghost" or ghost.ghost_cost(
         tokens, val_tokens, d_in, d_out, rank) < ghost.exact_cost(tokens, d_in, d_out)):
       chosen[idx] = (kernel, names.get(("bias",)))
