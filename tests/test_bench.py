@@ -10,7 +10,7 @@ from optax_shapley.experiments import bench
 def test_bench_reports_every_mode(tmp_path):
   cfg = bench.BenchConfig(models=("mlp", "transformer"), val_sizes=(4,),
                           batch_size=16, text_batch_size=4, seq_len=8,
-                          hidden=16, rounds=2)
+                          hidden=16, rounds=2, train_steps=2)
   report = bench.run_bench(cfg, out_dir=str(tmp_path), verbose=False)
   assert [r["model"] for r in report["results"]] == ["mlp", "transformer"]
   for r in report["results"]:
