@@ -2,12 +2,16 @@
 
 scikit-learn digits, a seeded share of the training labels flipped to a wrong
 class, a clean validation split, a small MLP trained with Adam. In the same
-run the transform tracks two estimators of every example's in-run data
+run the transform tracks three estimators of every example's in-run data
 Shapley value (positive = lowered the validation loss):
 
 - ``secant_midpoint``: the default, Adam-aware estimator;
 - ``sgd_start``: the first-order In-Run Data Shapley / TracIn baseline, which
-  treats the step as plain gradient descent.
+  treats the step as plain gradient descent;
+- ``coalitions_midpoint``: the per-example-gradient reference, which re-runs
+  Adam's update on sampled coalitions and so also follows its sign-descent
+  first step (where the one-direction estimators hand a few examples large
+  values that crowd the lowest-valued list).
 
 A flipped label should get a low value. Each estimator is scored by the AUROC
 of ``-value`` for "label was flipped", next to a training-free baseline: the
@@ -38,7 +42,8 @@ from optax_shapley.models import MLP, cross_entropy
 __all__ = ["ESTIMATORS", "run_demo"]
 
 #: (metric, evaluation) pairs tracked in one run; the first is the default.
-ESTIMATORS: tuple[tuple[str, str], ...] = (("secant", "midpoint"), ("sgd", "start"))
+ESTIMATORS: tuple[tuple[str, str], ...] = (
+    ("secant", "midpoint"), ("sgd", "start"), ("coalitions", "midpoint"))
 FINAL_LOSS = "final_loss"
 
 
