@@ -251,7 +251,8 @@ def _batched_keys(per_example_loss, params, args, batch):
   when its length happens to equal ``B`` (positions ``arange(T)`` with
   ``T == B``).  So the loss is traced again, abstractly, with every batched
   argument one example longer; a per-example call's leading axes follow.
-  Returns ``None`` when the loss cannot be traced at another batch size.
+  Returns the empty set (every leaf then goes to the exact fallback) when
+  no argument is batched or the loss cannot be traced at another size.
   """
   def grow(x):
     if _is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch:
@@ -259,11 +260,11 @@ def _batched_keys(per_example_loss, params, args, batch):
     return x
   if not any(_is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch
              for x in jax.tree.leaves(args)):
-    return None       # nothing batched to grow (data closed over): shape test
+    return set()      # data closed over: nothing proves a call per-example
   try:
     _, records = _discover(per_example_loss, params, jax.tree.map(grow, args))
   except Exception:  # pylint: disable=broad-except
-    return None
+    return set()      # cannot tell: no call is probed, all leaves fall back
   return {r["key"] for r in records
           if (r["out"] is None or r["out"].shape[:1] == (batch + 1,))
           and all(s[:1] == (batch + 1,) for s in r["in_shapes"])}
@@ -313,6 +314,7 @@ def value_grad_and_factors(
     per_example_loss: Callable[..., jax.Array],
     *,
     reduction: str = "mean",
+    _data_closed_over: bool = False,
 ) -> Callable[..., tuple[jax.Array, Any, Factors]]:
   """Per-example losses, the batch gradient and ghost factors in one pass.
 
@@ -349,7 +351,10 @@ def value_grad_and_factors(
           f"shape {loss_shape.shape}")
     batch = loss_shape.shape[0]
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
-    batched = _batched_keys(per_example_loss, params, args, batch)
+    # The validation pass of the ghost rule closes over its data and only
+    # needs each call's summed factors, so there the shape test suffices.
+    batched = (None if _data_closed_over
+               else _batched_keys(per_example_loss, params, args, batch))
     _check_dropout(records, batch, batched)
     records = [r for r in records if r.get("kind") != "dropout"]
     plans, fallback_leaves = _plan(records, batch, len(leaves), is_float, batched)

@@ -113,11 +113,12 @@ ELEMENT_COST = 256
 
 
 def ghost_cost(tokens: int, val_tokens: int, d_in: int, d_out: int, rank: int,
-               iterations: int = 2) -> int:
+               iterations: int = 2, spot_tokens: int = 8) -> int:
   """Multiply-add equivalents of the ghost rule: the pairwise products
-  ``B T R K (d_in + d_out)``, the spot check ``8 d_in d_out``, the
-  factorisation (``(4 iterations + 2) K d_in d_out`` for ``K > 1``) and
+  ``B T R K (d_in + d_out)``, the spot check on ``spot_tokens`` tokens
+  (``spot_tokens d_in d_out``), the factorisation
+  (``(4 iterations + 2) K d_in d_out`` for ``K > 1``) and
   ``ELEMENT_COST d_in d_out`` of elementwise passes over the kernel."""
   factor = (4 * iterations + 2) * rank if rank > 1 else 0
   return (tokens * val_tokens * rank * (d_in + d_out)
-          + (8 + factor + ELEMENT_COST) * d_in * d_out)
+          + (spot_tokens + factor + ELEMENT_COST) * d_in * d_out)

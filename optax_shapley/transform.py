@@ -13,6 +13,7 @@ validation loss), and accumulates ``Phi_i = sum_t phi_{t,i}``.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -236,7 +237,7 @@ def with_shapley(
     # shapes (the validation factors' shapes by jax.eval_shape), so the
     # validation pass keeps its factors only when some call uses them.
     val_capture = lambda w: capture.value_grad_and_factors(
-        lambda p: val_mean.per_example(p))(w)
+        lambda p: val_mean.per_example(p), _data_closed_over=True)(w)
     plans = {}
     if (contraction != "exact" and linear
         and all(ests[k][0] in ("sgd", "fixed_state") or elementwise for k in linear)
@@ -291,7 +292,7 @@ def with_shapley(
       if plans:
         extra, check_dirs = _ghost_contract(
             factors, plans, linear, ests, scales, val_grads, val_calls, stacked,
-            ghost_rank, ghost_tol)
+            ghost_rank, ghost_tol, axis_name)
         lin = lin + extra
       lin = lin / n_dev
       for j, k in enumerate(linear):
@@ -339,26 +340,34 @@ def _ghost_plans(factors, val_calls, frozen, contraction, rank) -> dict:
   trainable, and (``"auto"``) the cost model says the ghost rule is cheaper.
   ``val_calls``: ``{key: (inputs, cotangent)}`` (shapes suffice)."""
   chosen = {}
+  # A kernel used by several calls (shared weights) has G summed over all of
+  # them, which one call's validation factors do not give: exact rule.
+  owners = collections.Counter(i for pl in factors.plans for _, i in pl.param_map)
+  val_owners = collections.Counter(key[0] for key in val_calls)
   for idx, plan in enumerate(factors.plans):
     if type(plan.module) is not nn.Dense or plan.method != "__call__":
       continue
     names = {path: i for path, i in plan.param_map}
     kernel = names.get(("kernel",))
-    if kernel is None or kernel in frozen or plan.key not in val_calls:
+    if (kernel is None or kernel in frozen or plan.key not in val_calls
+        or owners[kernel] != 1 or val_owners[plan.key[0]] != 1):
       continue
     inputs, cot = factors.calls[idx]
     (a,) = inputs
     tokens = int(np.prod(a.shape[:-1]))
     d_in, d_out = a.shape[-1], cot.shape[-1]
     val_tokens = int(np.prod(val_calls[plan.key][0][0].shape[:-1]))
+    per_example = tokens // max(factors.batch_size, 1)
     if (contraction == "ghost" or ghost.ghost_cost(
-        tokens, val_tokens, d_in, d_out, rank) < ghost.exact_cost(tokens, d_in, d_out)):
+        tokens, val_tokens, d_in, d_out, rank,
+        spot_tokens=min(GHOST_SPOT_CHECK, factors.batch_size) * per_example)
+        < ghost.exact_cost(tokens, d_in, d_out)):
       chosen[idx] = (kernel, names.get(("bias",)))
   return chosen
 
 
 def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
-                    stacked, rank, tol):
+                    stacked, rank, tol, axis_name=None):
   """Values of the chosen Dense calls, f32[B_local, E_lin], and the
   directions they add up to (for the add-up check).
 
@@ -367,9 +376,13 @@ def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
   ghost values are spot-checked against the exact rule on the first
   ``GHOST_SPOT_CHECK`` examples: within ``tol`` (relative 2-norm) the ghost
   values stand, otherwise the call is contracted exactly (``lax.cond``: the
-  exact branch only runs when needed).
+  exact branch only runs when needed).  Under data parallelism the check's
+  error is summed over ``axis_name``, so every device decides alike.  The
+  rank-1 log-magnitude factorisation needs a metric of one sign; where the
+  scale has an entry <= 0 the exact rule is used.
   """
-  d_leaves = list(factors.params_treedef.flatten_up_to(stacked))
+  original = factors.params_treedef.flatten_up_to(stacked)
+  d_leaves = list(original)
   total = jnp.zeros((factors.batch_size, len(linear)), jnp.float32)
   for idx, (kernel, bias) in plans.items():
     plan = factors.plans[idx]
@@ -385,18 +398,22 @@ def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
       else:
         r, q = ghost.factor_metric(s_k, rank)
       approx = (r @ q.T) * g_k
-      true = d_leaves[kernel][j]
+      true = original[kernel][j]
       (va,), vb = val_calls[e][plan.key]
-      bias_dir = None if bias is None else d_leaves[bias][j]
-      d_mod = capture.module_direction(plan, [x[j] for x in d_leaves])
+      bias_dir = None if bias is None else original[bias][j]
+      d_mod = capture.module_direction(plan, [x[j] for x in original])
       ghost_vals = ghost.ghost_values(a, b, va, vb, r, q, bias_dir)
       # Spot check: the exact rule on the first few examples of the batch.
       m = min(GHOST_SPOT_CHECK, factors.batch_size)
       spot = layers.contract(plan.module, plan.method, d_mod, (a[:m],),
                              call_kwargs, b[:m])
-      err = (jnp.linalg.norm(ghost_vals[:m] - spot)
-             / (jnp.linalg.norm(spot) + 1e-30))
-      ok = err <= tol
+      num = jnp.sum(jnp.square(ghost_vals[:m] - spot))
+      den = jnp.sum(jnp.square(spot))
+      if axis_name is not None:
+        num, den = jax.lax.psum((num, den), axis_name)
+      ok = jnp.sqrt(num) <= tol * (jnp.sqrt(den) + 1e-30)
+      if rank == 1:
+        ok = ok & jnp.all(s_k > 0)
 
       def use_exact(_, d_mod=d_mod, b=b):
         return layers.contract(plan.module, plan.method, d_mod, call_args,

@@ -266,3 +266,28 @@ def test_module_inside_an_inner_transform_falls_back(inner):
   ref = _reference_dots(pel, params, d, x, y, 1.0 / B)
   got = np.asarray(oxs.contract(factors, d))
   assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_loss_closing_over_its_data_falls_back_exactly():
+  """With the data closed over, nothing proves a call per-example (here a
+  position table eye(T) with T == B would pass a shape test): every leaf
+  goes through the exact forward-mode fallback."""
+  t = B
+
+  class Pos(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      pos = nn.Dense(D_IN)(jnp.eye(t))          # [T, D]: not per-example
+      return nn.Dense(3)(jnp.tanh(x + pos).mean(axis=1))
+
+  model = Pos()
+  x = jax.random.normal(jax.random.key(2), (B, t, D_IN))
+  y = jnp.arange(B) % 3
+  params = model.init(jax.random.key(3), x)["params"]
+  pel = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, x), y)
+  d = _directions(params)
+  _, _, f = oxs.value_grad_and_factors(lambda p: pel(p, x, y))(params)
+  got = np.asarray(oxs.contract(f, d))
+  ref = _reference_dots(pel, params, d, x, y, 1.0 / B)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())

@@ -47,9 +47,9 @@ def val_loss(p):
   return per_example_loss(p, XV, YV)
 
 
-def make_tx(metric, evaluation, axis_name=None):
+def make_tx(metric, evaluation, axis_name=None, **kw):
   return oxs.adam(1e-2, num_examples=N, batch_size=B, metric=metric,
-                  evaluation=evaluation, axis_name=axis_name)
+                  evaluation=evaluation, axis_name=axis_name, **kw)
 
 
 def shard(a):
@@ -66,8 +66,8 @@ def _run_global_batches(step, tx):
   return out
 
 
-def single_device(metric, evaluation):
-  tx = make_tx(metric, evaluation)
+def single_device(metric, evaluation, **kw):
+  tx = make_tx(metric, evaluation, **kw)
 
   @jax.jit
   def step(p, st, x, y, ids):
@@ -78,8 +78,8 @@ def single_device(metric, evaluation):
   return _run_global_batches(step, tx)
 
 
-def with_pmap(metric, evaluation):
-  tx = make_tx(metric, evaluation, axis_name="d")
+def with_pmap(metric, evaluation, **kw):
+  tx = make_tx(metric, evaluation, axis_name="d", **kw)
 
   @partial(jax.pmap, axis_name="d")
   def step(p, st, x, y, ids):
@@ -100,8 +100,8 @@ def with_pmap(metric, evaluation):
   return out
 
 
-def with_shard_map(metric, evaluation):
-  tx = make_tx(metric, evaluation, axis_name="d")
+def with_shard_map(metric, evaluation, **kw):
+  tx = make_tx(metric, evaluation, axis_name="d", **kw)
   mesh = jax.make_mesh((DEVICES,), ("d",),
                        axis_types=(jax.sharding.AxisType.Auto,))
 
@@ -182,3 +182,20 @@ def test_one_example_per_device_is_rescaled():
   st = step(PARAMS, txp.init(PARAMS), x[:, None], y[:, None], ids[:, None])
   np.testing.assert_allclose(oxs.step_values(st)[0], single, rtol=2e-4,
                              atol=1e-6 * float(np.abs(single).max()))
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_ghost_rule_decides_alike_on_every_device(mode):
+  """The ghost rule's spot check is summed over devices, so the state stays
+  replicated (pmap checks equality per step; shard_map must infer P()).
+  With the sgd metric (rank 1) the ghost values are exact, so they match the
+  single-device run."""
+  kw = dict(contraction="ghost", ghost_tol=float("inf"))
+  ref = single_device("sgd", "start", **kw)
+  got = (with_pmap if mode == "pmap" else with_shard_map)("sgd", "start", **kw)
+  for (v_ref, sv_ref), (v, sv) in zip(ref, got):
+    np.testing.assert_allclose(sv, sv_ref, rtol=0,
+                               atol=1e-5 * np.abs(sv_ref).max())
+  tight = (with_pmap if mode == "pmap" else with_shard_map)(
+      "secant", "midpoint", contraction="ghost", ghost_tol=0.3)
+  assert all(np.all(np.isfinite(sv)) for _, sv in tight)
