@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _names(text: str) -> tuple[str, ...]:
+  return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _ints(text: str) -> tuple[int, ...]:
   try:
     return tuple(int(x) for x in text.split(",") if x.strip())
@@ -146,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "fidelity":
     from optax_shapley.experiments import fidelity
     cfg = fidelity.Config(
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        models=_names(args.models),
         steps=_ints(args.steps), learning_rate=args.lr, b1=args.b1, b2=args.b2,
         weight_decay=args.weight_decay, clip=args.clip,
         batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
@@ -157,12 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   if args.command == "bench":
     from optax_shapley.experiments import bench
-    names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
-    modes = names(args.modes)
+    modes = _names(args.modes)
     if "plain" not in modes:
       modes = ("plain",) + modes
     cfg = bench.BenchConfig(
-        models=names(args.models), val_sizes=_ints(args.val_sizes), modes=modes,
+        models=_names(args.models), val_sizes=_ints(args.val_sizes), modes=modes,
         batch_size=args.batch_size, text_batch_size=args.text_batch_size,
         seq_len=args.seq_len, rounds=args.rounds)
     bench.run_bench(cfg, out_dir=args.out)

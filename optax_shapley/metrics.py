@@ -107,19 +107,9 @@ def fixed_state_direction(val_grad, adam_state: optax.ScaleByAdamState, *,
   or ``nu_{t-1}, t-1`` from ``prev_state`` (``previous=True``; the Taylor base
   point, ``vhat_0 = 0``).  ``d = -D * v``.
   """
-  t = adam_state.count.astype(jnp.float32)
-  c1 = (1.0 - b1) / (1.0 - b1 ** t)
-  if previous:
-    nu, tv = prev_state.nu, prev_state.count.astype(jnp.float32)
-  else:
-    nu, tv = adam_state.nu, t
-  bc2 = 1.0 - b2 ** tv
-
-  def scale(n):
-    vhat = jnp.where(bc2 > 0, n / jnp.where(bc2 > 0, bc2, 1.0), 0.0)
-    return learning_rate * c1 / (jnp.sqrt(vhat) + eps)
-
-  return jax.tree.map(lambda v, n: scale(n) * v, val_grad, nu)
+  return scale_times(fixed_state_scale(
+      val_grad, adam_state, learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
+      previous=previous, prev_state=prev_state), val_grad)
 
 
 def linearized_direction(update_fn: UpdateFn, g, val_grad) -> Any:
@@ -171,19 +161,7 @@ def secant_direction(update_fn: UpdateFn, g, u_g, u_0, val_grad, *,
       acc = jax.tree.map(lambda a, j: a - w * j, acc, jt_v)
     return _finite_or_zero(acc)
 
-  half = jax.tree.map(lambda x: x / 2, g)
-  ones = jax.tree.map(jnp.ones_like, g)
-  _, deriv = jax.jvp(update_fn, (half,), (ones,))
-
-  def one(gi, ug, u0, dm, v):
-    diff = ug - u0
-    scale = jnp.maximum(jnp.abs(ug), jnp.abs(u0))
-    ok = (gi != 0) & (jnp.abs(diff) > rtol * scale)
-    q = diff / jnp.where(ok, gi, 1)
-    metric = jnp.where(ok, q, dm)
-    return jnp.where(jnp.isfinite(metric), -metric * v, 0)
-
-  return jax.tree.map(one, g, u_g, u_0, deriv, val_grad)
+  return scale_times(secant_scale(update_fn, g, u_g, u_0, rtol=rtol), val_grad)
 
 
 def removal_values(update_fn: UpdateFn, g, u_g, per_example, val_grad, *,
@@ -320,11 +298,21 @@ def sgd_scale(like, *, learning_rate):
 
 def fixed_state_scale(like, adam_state, *, learning_rate, b1, b2, eps,
                       previous=False, prev_state=None):
-  """``S`` of :func:`fixed_state_direction`: ``d = S * v``."""
-  ones = jax.tree.map(lambda x: jnp.ones(jnp.shape(x), jnp.float32), like)
-  return fixed_state_direction(ones, adam_state, learning_rate=learning_rate,
-                               b1=b1, b2=b2, eps=eps, previous=previous,
-                               prev_state=prev_state)
+  """``S`` of :func:`fixed_state_direction` (``d = S * v``), a tree like
+  ``like``: ``eta (1 - b1) / (1 - b1^t) / (sqrt(vhat) + eps)``."""
+  t = adam_state.count.astype(jnp.float32)
+  c1 = (1.0 - b1) / (1.0 - b1 ** t)
+  if previous:
+    nu, tv = prev_state.nu, prev_state.count.astype(jnp.float32)
+  else:
+    nu, tv = adam_state.nu, t
+  bc2 = 1.0 - b2 ** tv
+
+  def scale(n):
+    vhat = jnp.where(bc2 > 0, n / jnp.where(bc2 > 0, bc2, 1.0), 0.0)
+    return learning_rate * c1 / (jnp.sqrt(vhat) + eps)
+
+  return jax.tree.map(lambda _, n: scale(n), like, nu)
 
 
 def linearized_scale(update_fn: UpdateFn, g):
@@ -336,10 +324,21 @@ def linearized_scale(update_fn: UpdateFn, g):
 
 
 def secant_scale(update_fn: UpdateFn, g, u_g, u_0, *, rtol: float = 1e-3):
-  """``S = -(u(g) - u(0)) / g`` elementwise, as in :func:`secant_direction`."""
+  """``S = -(u(g) - u(0)) / g`` elementwise (:func:`secant_direction`), with
+  the derivative at ``g / 2`` where the quotient is unreliable; non-finite
+  entries set to 0."""
+  half = jax.tree.map(lambda x: x / 2, g)
   ones = jax.tree.map(jnp.ones_like, g)
-  return secant_direction(update_fn, g, u_g, u_0, ones, elementwise=True,
-                          rtol=rtol)
+  _, deriv = jax.jvp(update_fn, (half,), (ones,))
+
+  def one(gi, ug, u0, dm):
+    diff = ug - u0
+    size = jnp.maximum(jnp.abs(ug), jnp.abs(u0))
+    ok = (gi != 0) & (jnp.abs(diff) > rtol * size)
+    metric = jnp.where(ok, diff / jnp.where(ok, gi, 1), dm)
+    return jnp.where(jnp.isfinite(metric), -metric, 0)
+
+  return jax.tree.map(one, g, u_g, u_0, deriv)
 
 
 def evaluation_point(name: str, params, u_g, u_0=None):

@@ -236,8 +236,8 @@ def with_shapley(
     # Which Dense calls take the ghost rule is decided at trace time from
     # shapes (the validation factors' shapes by jax.eval_shape), so the
     # validation pass keeps its factors only when some call uses them.
-    val_capture = lambda w: capture.value_grad_and_factors(
-        lambda p: val_mean.per_example(p), _data_closed_over=True)(w)
+    val_capture = capture.value_grad_and_factors(
+        lambda p: val_loss(p).astype(jnp.float32), _data_closed_over=True)
     plans = {}
     if (contraction != "exact" and linear
         and all(ests[k][0] in ("sgd", "fixed_state") or elementwise for k in linear)
@@ -474,11 +474,7 @@ def _validation_objective(val_loss, params) -> Callable:
     raise ValueError(
         "val_loss(params) must return per-example validation losses of shape "
         f"[V]; got {getattr(out, 'shape', type(out))}")
-  def mean(p):
-    return jnp.mean(val_loss(p).astype(jnp.float32))
-
-  mean.per_example = lambda p: val_loss(p).astype(jnp.float32)
-  return mean
+  return lambda p: jnp.mean(val_loss(p).astype(jnp.float32))
 
 
 def _check_concrete_ids(ids, num_examples):
