@@ -475,7 +475,7 @@ def per_example_grads(factors: Factors, like: Any,
   transposed contraction per example, through the same layer rules and the
   same forward-mode fallback.  Costs about ``B`` backward passes of the
   weight gradients and ``B`` times the parameters' memory; used by estimators
-  that are not linear in ``x_i`` (the ``"removal"`` metric), not by the
+  that are not linear in ``x_i`` (``"removal"``, ``"coalitions"``), not by the
   ghost path.
 
   Args:
