@@ -200,17 +200,31 @@ def per_example_grads(
   if len(sizes) != 1:
     raise ValueError(f"Batched args disagree on the batch size: {sorted(sizes)}.")
 
-  def one_loss(p, batched_leaves):
-    full = list(leaves)
-    for i, x in zip(batched, batched_leaves):
-      full[i] = x[None]
+  with _precision(dtype):
+    p = _cast_floats(params, dtype)
+    try:      # one compiled program per loss and batch structure
+      hash(per_example_loss)
+      grad_fn = _per_example_grad_fn(per_example_loss, treedef, tuple(batched))
+    except TypeError:
+      grad_fn = _per_example_grad_fn.__wrapped__(per_example_loss, treedef,
+                                                  tuple(batched))
+    return grad_fn(p, leaves)
+
+
+@functools.lru_cache(maxsize=64)
+def _per_example_grad_fn(per_example_loss, treedef, batched):
+  """Jitted ``vmap(grad)`` of one example's loss; ``batched``: positions of
+  the leaves of the flattened args that carry the batch axis."""
+  def one_loss(p, all_leaves):
+    full = [x[None] if i in batched else x for i, x in enumerate(all_leaves)]
     out = per_example_loss(p, *jax.tree.unflatten(treedef, full))
     return jnp.reshape(out, (-1,))[0]
 
-  with _precision(dtype):
-    p = _cast_floats(params, dtype)
-    grad_fn = jax.jit(jax.vmap(jax.grad(one_loss), in_axes=(None, 0)))
-    return grad_fn(p, [leaves[i] for i in batched])
+  def grads(p, all_leaves):
+    axes = [0 if i in batched else None for i in range(len(all_leaves))]
+    return jax.vmap(jax.grad(one_loss), in_axes=(None, axes))(p, all_leaves)
+
+  return jax.jit(grads)
 
 
 # ---------------------------------------------------------------------------
@@ -309,6 +323,8 @@ def step_utility(
       return compiled(mask, p, grads, state, base_loss)
 
   utility.num_players = num_players  # type: ignore[attr-defined]
+  # utility accepts f[..., B] masks in one compiled call (see _evaluate).
+  utility.vectorized = True  # type: ignore[attr-defined]
   return utility
 
 
@@ -342,6 +358,18 @@ def _evaluate(utility: Utility, masks: np.ndarray, chunk_size: int, dtype) -> np
   with _precision(dtype):
     m = jnp.asarray(masks, dtype if dtype is not None else jnp.float32)
     batch = min(int(chunk_size), int(masks.shape[0]))
+    if getattr(utility, "vectorized", False):
+      # A compiled batched utility (step_utility): feed it fixed-size chunks
+      # so every step of a run reuses one program; the last chunk is padded.
+      out = []
+      for start in range(0, m.shape[0], batch):
+        chunk = m[start:start + batch]
+        pad = batch - chunk.shape[0]
+        if pad:
+          chunk = jnp.concatenate([chunk, jnp.zeros((pad,) + chunk.shape[1:],
+                                                    chunk.dtype)])
+        out.append(np.asarray(utility(chunk), dtype=np.float64)[:batch - pad])
+      return np.concatenate(out).reshape(masks.shape[0])
     fn = jax.jit(lambda xs: jax.lax.map(utility, xs, batch_size=batch))
     values = fn(m)
     return np.asarray(values, dtype=np.float64).reshape(masks.shape[0])
