@@ -90,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation examples (default: 100 images, 32 "
                         "sequences)")
   fid.add_argument("--seed", type=int, default=0)
-  fid.add_argument("--accumulate-steps", type=int, default=20,
-                   help="window for the accumulated-values comparison "
-                        "(default: %(default)s)")
+  fid.add_argument("--accumulate-examples", type=_positive, default=100,
+                   help="training examples of the whole run whose "
+                        "accumulated values are checked against exact "
+                        "per-step Shapley (default: %(default)s)")
+  fid.add_argument("--accumulate-epochs", type=int, default=10,
+                   help="epochs of that run; 0 skips it (default: "
+                        "%(default)s)")
   fid.add_argument("--target-se", type=float, default=0.02,
                    help="Monte-Carlo stop: max standard error / spread "
                         "(default: %(default)s)")
@@ -154,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=_ints(args.steps), learning_rate=args.lr, b1=args.b1, b2=args.b2,
         weight_decay=args.weight_decay, clip=args.clip,
         batch_size=args.batch_size, val_size=args.val_size, seed=args.seed,
-        accumulate_steps=args.accumulate_steps, target_se=args.target_se,
+        accumulate_examples=args.accumulate_examples,
+        accumulate_epochs=args.accumulate_epochs, target_se=args.target_se,
         truth=args.truth)
     fidelity.run_fidelity(cfg, out_dir=args.out, progress=True)
     print(f"wrote {args.out}/fidelity.json, table.md, fidelity.png")

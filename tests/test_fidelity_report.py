@@ -17,7 +17,8 @@ from optax_shapley.experiments import fidelity as F
 @pytest.fixture(scope="module")
 def mlp_report(tmp_path_factory):
   out = tmp_path_factory.mktemp("fidelity")
-  cfg = F.Config(models=("mlp",), steps=(1, 3, 6), accumulate_steps=3)
+  cfg = F.Config(models=("mlp",), steps=(1, 3, 6), accumulate_examples=20,
+                 accumulate_epochs=2)
   return F.run_fidelity(cfg, out_dir=str(out), verbose=False), out
 
 
@@ -52,12 +53,16 @@ def test_default_estimator_and_references_meet_their_targets(mlp_report):
   # The paper's finding: SGD-style values fit the Adam step worse.
   assert _r(report, 6, "sgd@start") < _r(report, 6, "secant@midpoint")
   acc = report["models"][0]["accumulated"]
+  assert acc["epochs"] == 2 and acc["steps"] == 4
   assert acc["coalitions@midpoint"]["pearson"] >= 0.999
+  # Step 1 by coalitions lifts the default's accumulated values.
+  swap = acc[F.FIRST_STEP_SWAP]["pearson"]
+  assert swap >= 0.99 and swap > acc["secant@midpoint"]["pearson"]
 
 
 def test_monte_carlo_truth_beyond_12_players():
   cfg = F.Config(models=("mlp",), steps=(3,), batch_size=14, val_size=40,
-                 accumulate_steps=0, target_se=0.05, max_permutations=600)
+                 accumulate_epochs=0, target_se=0.05, max_permutations=600)
   report = F.run_fidelity(cfg, out_dir=None, verbose=False)
   (s,) = report["models"][0]["steps"]
   assert s["truth"] == "monte_carlo" and s["permutations"] >= 100
@@ -68,7 +73,7 @@ def test_monte_carlo_truth_beyond_12_players():
 def test_forced_monte_carlo_agrees_with_exact():
   """--truth monte_carlo at B = 10: the permutation estimate is within a few
   standard errors of exact enumeration (same step, same utility)."""
-  kw = dict(models=("mlp",), steps=(3,), accumulate_steps=0, val_size=40)
+  kw = dict(models=("mlp",), steps=(3,), accumulate_epochs=0, val_size=40)
   ex = F.run_fidelity(F.Config(**kw), out_dir=None, verbose=False)
   mc = F.run_fidelity(F.Config(truth="monte_carlo", target_se=0.02, **kw),
                       out_dir=None, verbose=False)
