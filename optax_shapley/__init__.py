@@ -9,6 +9,7 @@ loss (helpful).
 
 from optax_shapley.capture import Factors, contract, value_grad_and_factors
 from optax_shapley.layers import UnsupportedModuleError
+from optax_shapley.targets import class_targets, mean_target
 from optax_shapley.transform import (
     ShapleyState,
     adam,
@@ -29,7 +30,9 @@ __all__ = [
     "adam",
     "adamw",
     "check",
+    "class_targets",
     "contract",
+    "mean_target",
     "sgd",
     "step_values",
     "value_grad_and_factors",

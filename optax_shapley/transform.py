@@ -57,7 +57,8 @@ class ShapleyState(NamedTuple):
     values: f32[num_examples] (``[num_examples, E]`` with several estimators,
       ``[..., K]`` with several targets): accumulated values
       ``Phi_i = sum_t phi_{t,i}``; positive = helpful.
-    step_values: f32[B] (or ``[B, E]``): the last step's values, aligned with
+    step_values: f32[B] (``[B, E]``, ``[B, K]`` or ``[B, E, K]`` as
+      ``values``): the last step's values, aligned with
       the last ``example_ids`` (gathered in device order under data
       parallelism).  Zeros before the first step.
     count: int32, number of steps taken.
@@ -114,10 +115,12 @@ def with_shapley(
     coalition_permutations: int = 64,
     ghost_rank: int = 1,
     ghost_tol: float = 0.05,
+    num_targets: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` to accumulate per-example in-run data Shapley values.
 
-  ``update(grads, state, params, *, factors, example_ids, val_loss)``:
+  ``update(grads, state, params, *, factors, example_ids, val_loss,
+  val_weights=None)``:
 
   - ``grads``: the batch gradient (global mean under data parallelism).
   - ``factors``: from :func:`optax_shapley.value_grad_and_factors` on the
@@ -125,6 +128,11 @@ def with_shapley(
   - ``example_ids``: int[B], distinct ids in ``[0, num_examples)``.
   - ``val_loss``: ``params -> f32[V]`` per-example validation losses; the
     target is their mean ``L``.
+  - ``val_weights``: f32[K, V], only with ``num_targets=K``: target ``k`` is
+    ``L_k(w) = sum_v W[k, v] l_v(w)`` (a row of ``1/V`` is the mean;
+    :func:`optax_shapley.class_targets` gives one target per class).  All
+    ``K`` validation gradients come from one backward pass (``jax.vjp`` of
+    ``val_loss`` with the ``K`` rows as cotangents, vectorised).
 
   The returned updates are bit-identical to ``inner.update``.  Values are
   accumulated in ``state.values``; read them with :func:`values`.
@@ -154,6 +162,10 @@ def with_shapley(
       rule where its cost model says it is cheaper, else exact.
     ghost_rank: ``K`` of the metric factorisation (1 = the paper's
       Linearized Ghost Approximation).
+    num_targets: ``K``, the number of validation targets (rows of
+      ``val_weights``); values then get a trailing axis ``K``.  ``None``
+      (default): one target, the mean validation loss, and no trailing axis.
+      With targets, every call is contracted by its exact rule (no ghost).
     ghost_tol: a Dense call keeps its ghost values at a step only if they
       are within this relative error of the exact rule on the first
       ``GHOST_SPOT_CHECK`` examples (a cheap spot check); otherwise that call
@@ -172,7 +184,9 @@ def with_shapley(
 
   Raises:
     ValueError: unknown metric/evaluation/contraction, or a metric that needs
-      hyperparameters that were not given.
+      hyperparameters that were not given, or ``num_targets < 1``.  At
+      ``update``: ``val_weights`` missing with ``num_targets``, given
+      without it, or not of shape ``[K, V]``.
   """
   ests = _estimators(metric, evaluation)
   multi = isinstance(metric, (tuple, list)) or isinstance(evaluation, (tuple, list))
@@ -181,6 +195,8 @@ def with_shapley(
                      f"{contraction!r}")
   if num_examples <= 0:
     raise ValueError(f"num_examples must be positive, got {num_examples}")
+  if num_targets is not None and num_targets < 1:
+    raise ValueError(f"num_targets must be >= 1, got {num_targets}")
   used = {m for m, _ in ests}
   if used & {"sgd", "fixed_state"} and learning_rate is None:
     raise ValueError("metrics 'sgd' and 'fixed_state' need learning_rate")
@@ -188,7 +204,8 @@ def with_shapley(
     raise ValueError("metric 'fixed_state' needs the Adam b1, b2 and eps")
   inner = optax.with_extra_args_support(inner)
   num_est = len(ests)
-  value_shape = (num_est,) if multi else ()
+  value_shape = ((num_est,) if multi else ()) + (
+      (num_targets,) if num_targets is not None else ())
 
   def init_fn(params):
     b = 0 if batch_size is None else batch_size
@@ -202,7 +219,7 @@ def with_shapley(
     )
 
   def update_fn(updates, state, params=None, *, factors=None, example_ids=None,
-                val_loss=None, **extra_args):
+                val_loss=None, val_weights=None, **extra_args):
     if params is None:
       raise ValueError("with_shapley needs params (tx.update(grads, state, params, ...))")
     if not isinstance(factors, capture.Factors):
@@ -228,6 +245,7 @@ def with_shapley(
     u_0 = update_of(jax.tree.map(jnp.zeros_like, grads)) if need_zero else None
 
     val_mean = _validation_objective(val_loss, params)
+    weights = _target_weights(val_weights, num_targets, val_loss, params)
     eta = (metrics.learning_rate_at(learning_rate, state.count)
            if learning_rate is not None else None)
     frozen = metrics.frozen_leaves(update_of, grads)
@@ -239,7 +257,7 @@ def with_shapley(
     val_capture = capture.value_grad_and_factors(
         lambda p: val_loss(p).astype(jnp.float32), _data_closed_over=True)
     plans = {}
-    if (contraction != "exact" and linear
+    if (contraction != "exact" and linear and weights is None
         and all(ests[k][0] in ("sgd", "fixed_state") or elementwise for k in linear)
         and any(type(p.module) is nn.Dense for p in factors.plans)):
       vf_shape = jax.eval_shape(val_capture, params)[2]
@@ -251,6 +269,8 @@ def with_shapley(
       if plans:        # the validation pass also keeps its Dense factors
         _, val_grads[e], vf = val_capture(w_bar)
         val_calls[e] = {pl.key: c for pl, c in zip(vf.plans, vf.calls)}
+      elif weights is not None:
+        val_grads[e] = _target_grads(val_loss, w_bar, weights)
       else:
         val_grads[e] = jax.grad(val_mean)(w_bar)
 
@@ -270,13 +290,15 @@ def with_shapley(
         scale = metrics.linearized_scale(update_of, grads)
       elif elementwise:
         scale = metrics.secant_scale(update_of, grads, u_g, u_0)
-      if scale is not None:
-        d = metrics.scale_times(scale, v)
-      elif m == "linearized":
-        d = metrics.linearized_direction(update_of, grads, v)
-      else:
-        d = metrics.secant_direction(update_of, grads, u_g, u_0, v,
-                                     elementwise=False, nodes=secant_nodes)
+      def direction(v, m=m, scale=scale):
+        if scale is not None:
+          return metrics.scale_times(scale, v)
+        if m == "linearized":
+          return metrics.linearized_direction(update_of, grads, v)
+        return metrics.secant_direction(update_of, grads, u_g, u_0, v,
+                                        elementwise=False, nodes=secant_nodes)
+      # With targets, v has leaves [K, ...]: one direction per target.
+      d = direction(v) if weights is None else jax.vmap(direction)(v)
       dirs.append(_zero_leaves(d, frozen))
       scales.append(scale)
     # Under data parallelism x_i carries 1/B_local for a mean; 1/B_global wanted.
@@ -284,8 +306,12 @@ def with_shapley(
     n_dev = jax.lax.psum(1, axis_name) if dp_mean else 1
     columns = [None] * num_est
     mismatch = jnp.zeros([], jnp.int32)
+    num_k = 1 if weights is None else num_targets
     if dirs:
-      stacked = jax.tree.map(lambda *xs: jnp.stack(xs).astype(jnp.float32), *dirs)
+      # Rows are (estimator, target) pairs, estimator-major: [E_lin * K, ...].
+      stacked = jax.tree.map(
+          lambda *xs: jnp.stack(xs).astype(jnp.float32).reshape(
+              (-1,) + xs[0].shape[(weights is not None):]), *dirs)
       lin = capture.contract(factors, stacked, frozen,
                              skip_calls=tuple(plans))     # f32[B_local, E_lin]
       check_dirs = stacked
@@ -295,19 +321,26 @@ def with_shapley(
             ghost_rank, ghost_tol, axis_name)
         lin = lin + extra
       lin = lin / n_dev
-      for j, k in enumerate(linear):
-        columns[k] = lin[:, j]
       mismatch = _check_sum(lin, grads, check_dirs, axis_name)
+      lin = lin.reshape((lin.shape[0], len(linear), num_k))
+      for j, k in enumerate(linear):
+        columns[k] = lin[:, j] if weights is not None else lin[:, j, 0]
     if len(linear) < num_est:
       shares = jax.tree.map(lambda x: x / n_dev,
                             capture.per_example_grads(factors, grads, frozen))
       for k, (m, e) in enumerate(ests):
         if m == "removal":
-          columns[k] = metrics.removal_values(update_of, grads, u_g, shares,
-                                              val_grads[e])
+          column = lambda v: metrics.removal_values(update_of, grads, u_g,
+                                                    shares, v)
         elif m == "coalitions":
-          columns[k] = _coalitions(update_of, u_0, shares, val_grads[e],
-                                   state.count, axis_name, coalition_permutations)
+          column = lambda v: _coalitions(update_of, u_0, shares, v, state.count,
+                                         axis_name, coalition_permutations)
+        else:
+          continue
+        # Targets: vmap over the K gradients; the updates do not depend on
+        # them, so only the final dot products are batched.
+        columns[k] = (column(val_grads[e]) if weights is None
+                      else jax.vmap(column, out_axes=1)(val_grads[e]))
     local = jnp.stack(columns, axis=1)                    # f32[B_local, E]
 
     ids = example_ids.astype(jnp.int32)
@@ -468,6 +501,31 @@ def _gather(x, axis_name) -> jax.Array:
   return jax.lax.psum(buf, axis_name).reshape((n * x.shape[0],) + x.shape[1:])
 
 
+def _target_weights(val_weights, num_targets, val_loss, params):
+  """``val_weights`` as f32[K, V] after checking it against ``num_targets``
+  and the shape of ``val_loss(params)``; ``None`` without targets."""
+  if num_targets is None:
+    if val_weights is not None:
+      raise ValueError("val_weights needs with_shapley(..., num_targets=K)")
+    return None
+  if val_weights is None:
+    raise ValueError(f"with_shapley(num_targets={num_targets}) needs "
+                     "tx.update(..., val_weights=W) with W of shape [K, V]")
+  (v,) = jax.eval_shape(val_loss, params).shape
+  w = jnp.asarray(val_weights)
+  if w.shape != (num_targets, v):
+    raise ValueError(f"val_weights must have shape [num_targets, V] = "
+                     f"[{num_targets}, {v}], got {list(w.shape)}")
+  return w.astype(jnp.float32)
+
+
+def _target_grads(val_loss, w_bar, weights):
+  """``grad L_k(w_bar)`` for every row ``k`` of ``weights`` f32[K, V]: leaves
+  ``[K, ...]``, from one forward pass and a vectorised ``jax.vjp``."""
+  _, vjp = jax.vjp(lambda p: val_loss(p).astype(jnp.float32), w_bar)
+  return jax.vmap(lambda w: vjp(w)[0])(weights)
+
+
 def _validation_objective(val_loss, params) -> Callable:
   out = jax.eval_shape(val_loss, params)
   if not hasattr(out, "shape") or len(out.shape) != 1:
@@ -568,12 +626,14 @@ def sgd(learning_rate, momentum: float | None = None, nesterov: bool = False,
 
 def values(state: ShapleyState) -> jax.Array:
   """Accumulated values ``Phi``: f32[num_examples] (``[N, E]`` for several
-  estimators).  Positive = the example lowered the validation loss."""
+  estimators; a trailing ``K`` with ``num_targets``, ``[N, K]`` or
+  ``[N, E, K]``).  Positive = the example lowered the validation loss."""
   return _find(state).values
 
 
 def step_values(state: ShapleyState) -> jax.Array:
-  """The last step's values, f32[B] (or ``[B, E]``), aligned with its ids."""
+  """The last step's values, f32[B] (``[B, E]``, ``[B, K]``, ``[B, E, K]``
+  as for :func:`values`), aligned with its ids."""
   return _find(state).step_values
 
 
