@@ -100,7 +100,8 @@ def test_detect_noised_inputs():
 
 def test_prune_removes_corrupted_and_helps(tmp_path):
   cfg = prune.Config(detect=SMALL, fractions=(0.2,), seeds=(0, 1),
-                     methods=("value_class_zmin", "random"))
+                     methods=("value_class_zmin", "sgd_value_class_zmin",
+                              "random"))
   report = prune.run_prune(cfg, out_dir=str(tmp_path), verbose=False)
   low = prune.find(report, "value_class_zmin", "lowest", 0.2)
   high = prune.find(report, "value_class_zmin", "highest", 0.2)
@@ -110,6 +111,10 @@ def test_prune_removes_corrupted_and_helps(tmp_path):
   assert low["test_accuracy"]["mean"] > rnd["test_accuracy"]["mean"]
   assert low["test_accuracy"]["mean"] > high["test_accuracy"]["mean"]
   assert low["gain_vs_random"]["mean"] > 0
+  (pair,) = report["vs_sgd"]
+  sgd = prune.find(report, "sgd_value_class_zmin", "lowest", 0.2)
+  assert pair["test_accuracy"]["mean"] == pytest.approx(
+      low["test_accuracy"]["mean"] - sgd["test_accuracy"]["mean"])
   for f in ("prune.json", "table.md", "prune.png"):
     assert (tmp_path / f).stat().st_size > 0
 

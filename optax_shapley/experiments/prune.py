@@ -116,7 +116,10 @@ def run_prune(cfg: Config = Config(), out_dir: str | None = "runs/prune",
   all data (``gain_vs_full``) and over random removal of the same fraction
   (``gain_vs_random``), each a mean and standard deviation over seeds of
   per-seed differences (seeds share the split, so pairing removes the
-  variation common to both).
+  variation common to both).  ``vs_sgd``: each Adam-aware score minus its
+  SGD-proxy counterpart (``value...`` vs ``sgd_value...``), test accuracy
+  and validation loss, paired the same way.  ``detection``: every score's
+  AUROC and precision (:func:`detect.detection_metrics`) over the seeds.
   """
   t0 = time.perf_counter()
   runs = []
@@ -129,7 +132,8 @@ def run_prune(cfg: Config = Config(), out_dir: str | None = "runs/prune",
       raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from "
                        f"{sorted(scores)}")
     n = len(att.corrupted)
-    one = dict(full=retrain(dcfg, att.split, np.arange(n)), pruned={})
+    one = dict(full=retrain(dcfg, att.split, np.arange(n)), pruned={},
+               detection=detect.detection_metrics(scores, att.corrupted))
     for method in cfg.methods:
       order = np.argsort(-scores[method], kind="stable")   # most suspect first
       for direction in (("lowest",) if method == "random"
@@ -164,8 +168,24 @@ def run_prune(cfg: Config = Config(), out_dir: str | None = "runs/prune",
             acc - r["pruned"][("random", "lowest", f)]["test_accuracy"])
     results.append(dict(method=method, direction=direction, fraction=f,
                         **summary(rows)))
+  # The Adam-aware scores against their SGD-proxy counterparts, paired.
+  vs_sgd = []
+  for method in cfg.methods:
+    if not method.startswith("value") or f"sgd_{method}" not in cfg.methods:
+      continue
+    for f in cfg.fractions:
+      rows = []
+      for r in runs:
+        a = r["pruned"][(method, "lowest", f)]
+        b = r["pruned"][(f"sgd_{method}", "lowest", f)]
+        rows.append(dict(test_accuracy=a["test_accuracy"] - b["test_accuracy"],
+                         val_loss=a["val_loss"] - b["val_loss"]))
+      vs_sgd.append(dict(method=method, fraction=f, **summary(rows)))
+  detection = {name: summary([r["detection"][name] for r in runs])
+               for name in runs[0]["detection"]}
   report = dict(config=dataclasses.asdict(cfg), jax=jax.__version__,
                 full=summary([r["full"] for r in runs]), results=results,
+                vs_sgd=vs_sgd, detection=detection,
                 seconds=time.perf_counter() - t0)
   if out_dir is not None:
     os.makedirs(out_dir, exist_ok=True)
@@ -232,6 +252,39 @@ def format_markdown(report: dict) -> str:
         f"{r['gain_vs_random']['mean']:+.4f} +- {r['gain_vs_random']['std']:.4f}"
         for r in rows)
     lines.append(f"| {method} | {cells} |")
+  lines += ["", "Validation loss (mean +- standard deviation over seeds), "
+            f"most suspect removed first; all data: "
+            f"{report['full']['val_loss']['mean']:.4f} +- "
+            f"{report['full']['val_loss']['std']:.4f}:", "",
+            "| score | " + " | ".join(f"{f:.0%}" for f in fr) + " |",
+            "|---|" + "---|" * len(fr)]
+  for method in methods:
+    rows = [find(report, method, "lowest", f) for f in fr]
+    cells = " | ".join(f"{r['val_loss']['mean']:.4f} +- "
+                       f"{r['val_loss']['std']:.4f}" for r in rows)
+    lines.append(f"| {method} | {cells} |")
+  if report.get("detection"):
+    lines += ["", "Detection over the same seeds, AUROC / precision at the "
+              "corrupted count (mean +- standard deviation):", "",
+              "| score | AUROC | precision |", "|---|---|---|"]
+    for name, m in report["detection"].items():
+      lines.append(f"| {name} | {m['auroc']['mean']:.4f} +- "
+                   f"{m['auroc']['std']:.4f} | "
+                   f"{m['precision_at_k']['mean']:.3f} +- "
+                   f"{m['precision_at_k']['std']:.3f} |")
+  if report.get("vs_sgd"):
+    lines += ["", "Adam-aware score minus its SGD-proxy counterpart, most "
+              "suspect removed first, paired per seed: test accuracy / "
+              "validation loss (mean +- standard deviation):", "",
+              "| score | " + " | ".join(f"{f:.0%}" for f in fr) + " |",
+              "|---|" + "---|" * len(fr)]
+    for method in dict.fromkeys(r["method"] for r in report["vs_sgd"]):
+      rows = [r for r in report["vs_sgd"] if r["method"] == method]
+      cells = " | ".join(
+          f"{r['test_accuracy']['mean']:+.4f} +- {r['test_accuracy']['std']:.4f}"
+          f" / {r['val_loss']['mean']:+.4f} +- {r['val_loss']['std']:.4f}"
+          for r in rows)
+      lines.append(f"| {method} vs sgd_{method} | {cells} |")
   return "\n".join(lines) + "\n"
 
 
