@@ -9,6 +9,7 @@ loss (helpful).
 
 from optax_shapley.capture import Factors, contract, value_grad_and_factors
 from optax_shapley.layers import UnsupportedModuleError
+from optax_shapley.stream import ValueWriter, reduce_values
 from optax_shapley.targets import class_targets, mean_target
 from optax_shapley.transform import (
     ShapleyState,
@@ -16,6 +17,7 @@ from optax_shapley.transform import (
     adamw,
     check,
     sgd,
+    state_partition_specs,
     step_values,
     values,
     with_shapley,
@@ -27,13 +29,16 @@ __all__ = [
     "Factors",
     "ShapleyState",
     "UnsupportedModuleError",
+    "ValueWriter",
     "adam",
     "adamw",
     "check",
     "class_targets",
     "contract",
     "mean_target",
+    "reduce_values",
     "sgd",
+    "state_partition_specs",
     "step_values",
     "value_grad_and_factors",
     "values",

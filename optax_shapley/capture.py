@@ -125,6 +125,8 @@ def _varying(x, axes: tuple):
   ``psum``, which would add the examples of all devices together.  Marking it
   varying like the tensor it meets keeps per-example cotangents local.
   """
+  have = set(_vma(x))
+  axes = tuple(a for a in axes if a not in have)
   if not axes:
     return x
   if hasattr(jax.lax, "pcast"):
@@ -388,7 +390,7 @@ def value_grad_and_factors(
     if missing:
       raise RuntimeError(f"module calls seen while planning but not when "
                          f"differentiating: {sorted(missing)}")
-    cot = _varying(jnp.full(losses.shape, _scale(reduction, batch), losses.dtype),
+    cot = _varying(jnp.full_like(losses, _scale(reduction, batch)),
                    _vma(losses))
     grads, probe_cts = vjp_fn(cot)
     calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)

@@ -35,6 +35,8 @@ ERROR_CAPTURE_MISMATCH = 8
 CAPTURE_RTOL = 1e-2
 # Examples on which ghost values are checked against the exact rule each step.
 GHOST_SPOT_CHECK = 8
+# Where the accumulated values live (with_shapley(table=...)).
+TABLES = ("replicated", "sharded", "none")
 _ERROR_TEXT = {
     ERROR_ID_OUT_OF_RANGE: "an example id was out of range [0, num_examples)",
     ERROR_DUPLICATE_ID: "an example id appeared twice in one batch",
@@ -116,6 +118,7 @@ def with_shapley(
     ghost_rank: int = 1,
     ghost_tol: float = 0.05,
     num_targets: int | None = None,
+    table: str = "replicated",
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` to accumulate per-example in-run data Shapley values.
 
@@ -166,6 +169,17 @@ def with_shapley(
       ``val_weights``); values then get a trailing axis ``K``.  ``None``
       (default): one target, the mean validation loss, and no trailing axis.
       With targets, every call is contracted by its exact rule (no ghost).
+    table: where the accumulated values live.  ``"replicated"`` (default):
+      every device holds the whole ``[num_examples, ...]`` table.
+      ``"sharded"``: each device on ``axis_name`` owns a contiguous slice of
+      example ids (device ``k`` of ``D`` holds ids ``[k N/D, (k+1) N/D)``;
+      ``N`` must be divisible by ``D``); shard ``state.values`` over the
+      axis (:func:`state_partition_specs` gives the specs).  Under plain
+      ``jit`` without ``axis_name`` the table is one global array whatever
+      its sharding, so ``"sharded"`` only documents the intent there.
+      ``"none"``: no table (``values`` has zero rows); read each step's
+      ``step_values`` and stream them with :class:`optax_shapley.ValueWriter`
+      for ``num_examples`` beyond any device's memory.
     ghost_tol: a Dense call keeps its ghost values at a step only if they
       are within this relative error of the exact rule on the first
       ``GHOST_SPOT_CHECK`` examples (a cheap spot check); otherwise that call
@@ -197,6 +211,8 @@ def with_shapley(
     raise ValueError(f"num_examples must be positive, got {num_examples}")
   if num_targets is not None and num_targets < 1:
     raise ValueError(f"num_targets must be >= 1, got {num_targets}")
+  if table not in TABLES:
+    raise ValueError(f"table must be one of {TABLES}, got {table!r}")
   used = {m for m, _ in ests}
   if used & {"sgd", "fixed_state"} and learning_rate is None:
     raise ValueError("metrics 'sgd' and 'fixed_state' need learning_rate")
@@ -211,7 +227,8 @@ def with_shapley(
     b = 0 if batch_size is None else batch_size
     return ShapleyState(
         inner_state=inner.init(params),
-        values=jnp.zeros((num_examples,) + value_shape, jnp.float32),
+        values=jnp.zeros((0 if table == "none" else num_examples,)
+                         + value_shape, jnp.float32),
         step_values=jnp.zeros((b,) + value_shape, jnp.float32),
         count=jnp.zeros([], jnp.int32),
         skipped=jnp.zeros([], jnp.int32),
@@ -347,13 +364,20 @@ def with_shapley(
     if axis_name is not None:
       local = _gather(local, axis_name)
       ids = _gather(ids, axis_name)
+    else:           # plain jit on an explicit mesh: replicate the O(B) parts
+      local, ids = _replicated(local), _replicated(ids)
     step_vals = local if multi else local[:, 0]
 
     error = _validate(ids, step_vals, num_examples) | mismatch
     ok = error == 0
     credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
-    safe_ids = jnp.where(ok, ids, 0)
-    new_values = state.values.at[safe_ids].add(credit, mode="drop")
+    if table == "none":
+      new_values = state.values
+    elif table == "sharded" and axis_name is not None:
+      new_values = _add_to_shard(state.values, ids, credit, ok, num_examples,
+                                 axis_name)
+    else:
+      new_values = _scatter_add(state.values, jnp.where(ok, ids, 0), credit)
     new_state = ShapleyState(
         inner_state=new_inner,
         values=new_values,
@@ -477,6 +501,73 @@ def _coalitions(update_of, u_0, shares, val_grad, count, axis_name,
                                   num_permutations=num_permutations)
   start = jax.lax.axis_index(axis_name) * local
   return jax.lax.dynamic_slice_in_dim(vals, start, local)
+
+
+def _explicit_sharding(x):
+  """``x``'s sharding if it lives on a mesh with explicit axes, else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or getattr(mesh, "empty", True) or not any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  return sharding
+
+
+def _replicated(x):
+  """``x`` (O(B): ids, step values) gathered onto every device when an
+  explicit-sharding mesh has it split over the batch; unchanged otherwise."""
+  sharding = _explicit_sharding(x)
+  if sharding is None or all(s is None for s in sharding.spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+def _scatter_add(values, ids, credit):
+  """``values.at[ids].add(credit)``; under an explicit-sharding mesh the
+  output keeps the table's own sharding (the compiler cannot infer it from
+  batch-sharded ids, DESIGN.md section 5)."""
+  sharding = _explicit_sharding(values)
+  if sharding is not None:
+    return values.at[ids].add(credit, mode="drop", out_sharding=sharding)
+  return values.at[ids].add(credit, mode="drop")
+
+
+def _add_to_shard(local, ids, credit, ok, num_examples, axis_name):
+  """Adds the gathered ``credit`` of global ``ids`` to this device's slice
+  ``local`` of a table sharded over ``axis_name``; ids outside the slice
+  are dropped (another device owns them)."""
+  rows = local.shape[0]
+  devices = jax.lax.psum(1, axis_name)
+  if rows * devices != num_examples:
+    raise ValueError(
+        f"table='sharded': state.values holds {rows} rows per device on "
+        f"{devices} devices, but num_examples is {num_examples}; shard the "
+        "values over the data axis (state_partition_specs) with num_examples "
+        "divisible by the axis size")
+  start = jax.lax.axis_index(axis_name) * rows
+  local_ids = jnp.where(ok, ids - start, -1)
+  local_ids = jnp.where((local_ids >= 0) & (local_ids < rows), local_ids, rows)
+  return local.at[local_ids].add(credit, mode="drop")
+
+
+def state_partition_specs(state, axis_name: str):
+  """``PartitionSpec`` tree for ``state`` (or an optimizer state containing
+  a :class:`ShapleyState`) under ``jax.shard_map``: the values table split
+  over ``axis_name`` (rows), everything else replicated (``P()``).  Use it
+  as the state's ``in_specs``/``out_specs`` with ``table="sharded"``; for
+  ``jax.jit`` build ``NamedSharding(mesh, spec)`` from it."""
+  from jax.sharding import PartitionSpec as P
+  is_state = lambda x: isinstance(x, ShapleyState)
+
+  def spec(x):
+    if is_state(x):
+      return ShapleyState(
+          inner_state=jax.tree.map(lambda _: P(), x.inner_state),
+          values=P(axis_name), step_values=P(), count=P(), skipped=P(),
+          error=P())
+    return P()
+
+  return jax.tree.map(spec, state, is_leaf=is_state)
 
 
 def _zero_leaves(tree, indices):
@@ -627,8 +718,17 @@ def sgd(learning_rate, momentum: float | None = None, nesterov: bool = False,
 def values(state: ShapleyState) -> jax.Array:
   """Accumulated values ``Phi``: f32[num_examples] (``[N, E]`` for several
   estimators; a trailing ``K`` with ``num_targets``, ``[N, K]`` or
-  ``[N, E, K]``).  Positive = the example lowered the validation loss."""
-  return _find(state).values
+  ``[N, E, K]``).  Positive = the example lowered the validation loss.
+
+  Raises:
+    ValueError: the transformation was built with ``table="none"``.
+  """
+  s = _find(state)
+  if s.values.shape[0] == 0:
+    raise ValueError("this state keeps no values table (table='none'); "
+                     "stream step_values with oxs.ValueWriter and sum them "
+                     "with oxs.reduce_values")
+  return s.values
 
 
 def step_values(state: ShapleyState) -> jax.Array:

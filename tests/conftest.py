@@ -1,4 +1,4 @@
-"""Simulate two CPU devices for the data-parallel tests (before JAX starts)."""
+"""Simulate eight CPU devices for the data-parallel tests (before JAX starts)."""
 import jax
 
-jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_num_cpu_devices", 8)
