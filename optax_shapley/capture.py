@@ -74,12 +74,17 @@ class Factors:
     params_treedef: static, tree structure of ``params``.
     batch_size: static, ``B`` (the local batch under data parallelism).
     reduction: static, ``"mean"`` or ``"sum"``.
+    grads: the batch gradient ``sum_i x_i`` as returned alongside these
+      factors (the same arrays, no copy), or ``None``.  It lets the
+      transformation recognise gradients an earlier transformation in a
+      chain has rescaled (global-norm clipping).
   """
 
-  def __init__(self, calls, fallback, plans, fallback_leaves, loss_fn,
+  def __init__(self, calls, fallback, grads, plans, fallback_leaves, loss_fn,
                params_treedef, batch_size, reduction):
     self.calls = calls
     self.fallback = fallback
+    self.grads = grads
     self.plans = plans
     self.fallback_leaves = fallback_leaves
     self.loss_fn = loss_fn
@@ -95,7 +100,7 @@ class Factors:
   def tree_flatten(self):
     aux = (self.plans, self.fallback_leaves, self.loss_fn, self.params_treedef,
            self.batch_size, self.reduction)
-    return (self.calls, self.fallback), aux
+    return (self.calls, self.fallback, self.grads), aux
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -395,8 +400,8 @@ def value_grad_and_factors(
     grads, probe_cts = vjp_fn(cot)
     calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)
     fb = (params, args) if fallback_leaves else None
-    factors = Factors(calls, fb, plans, fallback_leaves, per_example_loss,
-                      treedef, batch, reduction)
+    factors = Factors(calls, fb, grads, plans, fallback_leaves,
+                      per_example_loss, treedef, batch, reduction)
     return losses, grads, factors
 
   return fn

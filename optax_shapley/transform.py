@@ -321,8 +321,11 @@ def with_shapley(
     # Under data parallelism x_i carries 1/B_local for a mean; 1/B_global wanted.
     dp_mean = axis_name is not None and factors.reduction == "mean"
     n_dev = jax.lax.psum(1, axis_name) if dp_mean else 1
+    # An earlier transformation in a chain (clip_by_global_norm) may have
+    # rescaled the batch gradient: the shares are then c * x_i.
+    n_dev, rescale_error = _upstream_scale(grads, factors, axis_name, n_dev)
     columns = [None] * num_est
-    mismatch = jnp.zeros([], jnp.int32)
+    mismatch = rescale_error
     num_k = 1 if weights is None else num_targets
     if dirs:
       # Rows are (estimator, target) pairs, estimator-major: [E_lin * K, ...].
@@ -338,7 +341,7 @@ def with_shapley(
             ghost_rank, ghost_tol, axis_name)
         lin = lin + extra
       lin = lin / n_dev
-      mismatch = _check_sum(lin, grads, check_dirs, axis_name)
+      mismatch = _check_sum(lin, grads, check_dirs, axis_name) | rescale_error
       lin = lin.reshape((lin.shape[0], len(linear), num_k))
       for j, k in enumerate(linear):
         columns[k] = lin[:, j] if weights is not None else lin[:, j, 0]
@@ -520,6 +523,41 @@ def _replicated(x):
   if sharding is None or all(s is None for s in sharding.spec):
     return x
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+
+
+# Largest relative distance of the received gradient from c * (the batch
+# gradient of the factors) for the rescaling to count as one scalar.
+RESCALE_RTOL = 1e-4
+
+
+def _upstream_scale(grads, factors, axis_name, divisor):
+  """``(divisor / c, error)`` where ``grads = c * factors.grads``.
+
+  When ``tx.update`` receives exactly the arrays ``value_grad_and_factors``
+  returned (the usual case, decided at trace time) ``c = 1`` and nothing is
+  computed.  Otherwise (a transformation earlier in an ``optax.chain``
+  changed them) ``c = <g', g> / <g, g>``, and ``error`` is
+  ``ERROR_CAPTURE_MISMATCH`` unless ``|g' - c g| <= RESCALE_RTOL |g'|``: a
+  global scalar (``clip_by_global_norm``) is this step's fixed factor on
+  every share; anything else cannot be attributed from these factors.
+  Under data parallelism (``axis_name``) the received gradient is a
+  reduction of the local ones, so it is never compared.
+  """
+  none = jnp.zeros([], jnp.int32)
+  ref = getattr(factors, "grads", None)
+  if ref is None or axis_name is not None:
+    return divisor, none
+  got, want = jax.tree.leaves(grads), jax.tree.leaves(ref)
+  if len(got) != len(want) or all(a is b for a, b in zip(got, want)):
+    return divisor, none
+  dot = lambda xs, ys: sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+                           for x, y in zip(xs, ys))
+  gg = dot(want, want)
+  c = jnp.where(gg > 0, dot(got, want) / jnp.where(gg > 0, gg, 1.0), 1.0)
+  resid = dot([a - c * b for a, b in zip(got, want)],
+              [a - c * b for a, b in zip(got, want)])
+  bad = resid > (RESCALE_RTOL ** 2) * dot(got, got)
+  return divisor / c, bad.astype(jnp.int32) * ERROR_CAPTURE_MISMATCH
 
 
 def _scatter_add(values, ids, credit):

@@ -623,3 +623,41 @@ def test_coalitions_metric_samples_permutations_beyond_12_players():
                              per_example_loss, x, y, val_loss)
   np.testing.assert_allclose(got.sum(), ref.sum(), rtol=1e-4)   # efficiency
   assert np.corrcoef(got, ref)[0, 1] >= 0.99
+
+
+def test_global_norm_clipping_earlier_in_a_chain():
+  """chain(clip_by_global_norm, oxs.sgd(metric="sgd")): the shares are
+  c * x_i with c = min(1, M / |g|); checked against vmap(grad)."""
+  ids = BATCH_IDS[0]
+  x, y = X_ALL[ids], Y_ALL[ids]
+  pe = jax.vmap(jax.grad(lambda p, a, b: per_example_loss(p, a[None], b[None])[0]),
+                in_axes=(None, 0, 0))(PARAMS, x, y)
+  g = jax.tree.map(lambda a: a.mean(0), pe)
+  norm = float(optax.global_norm(g))
+  max_norm = 0.3 * norm                           # clipping is active
+  tx = optax.chain(optax.clip_by_global_norm(max_norm),
+                   oxs.sgd(LR, num_examples=N, metric="sgd", evaluation="start"))
+  _, grads, f = oxs.value_grad_and_factors(per_example_loss)(PARAMS, x, y)
+  _, state = jax.jit(lambda g_, f_: tx.update(
+      g_, tx.init(PARAMS), PARAMS, factors=f_, example_ids=jnp.asarray(ids),
+      val_loss=val_loss))(grads, f)
+  oxs.check(state)
+  v = jax.grad(mean_val_loss)(PARAMS)
+  c = max_norm / norm
+  ref = LR * c / B * sum(jnp.einsum("b...,...->b", a, d) for a, d in
+                         zip(jax.tree.leaves(pe), jax.tree.leaves(v)))
+  np.testing.assert_allclose(oxs.step_values(state), ref, rtol=2e-4,
+                             atol=1e-7 * float(np.abs(ref).max()))
+
+
+def test_non_scalar_change_earlier_in_a_chain_is_refused():
+  """Elementwise clipping is not one scalar: the step is not credited."""
+  ids = BATCH_IDS[0]
+  tx = optax.chain(optax.clip(1e-4), oxs.adam(LR, num_examples=N))
+  _, grads, f = oxs.value_grad_and_factors(per_example_loss)(
+      PARAMS, X_ALL[ids], Y_ALL[ids])
+  _, state = tx.update(grads, tx.init(PARAMS), PARAMS, factors=f,
+                       example_ids=jnp.asarray(ids), val_loss=val_loss)
+  with pytest.raises(ValueError, match="did not add up"):
+    oxs.check(state)
+  assert float(np.abs(oxs.values(state)).max()) == 0.0
