@@ -9,6 +9,7 @@ loss (helpful).
 
 from optax_shapley.capture import Factors, contract, value_grad_and_factors
 from optax_shapley.layers import UnsupportedModuleError
+from optax_shapley.progress import Progress
 from optax_shapley.stream import ValueWriter, reduce_values
 from optax_shapley.targets import class_targets, mean_target
 from optax_shapley.transform import (
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Factors",
+    "Progress",
     "ShapleyState",
     "UnsupportedModuleError",
     "ValueWriter",

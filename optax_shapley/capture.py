@@ -368,8 +368,14 @@ def value_grad_and_factors(
     by_key = {p.key: p for p in plans}
     out_of = {r["key"]: r["out"] for r in records}
     vma_of = {r["key"]: r["vma"] for r in records}
+    # Under shard_map every probe varies along the batch's axes, even for a
+    # call whose output is device-invariant (positions broadcast over the
+    # batch): its per-example cotangents must stay on their device.
+    data_axes = tuple(sorted(set().union(
+        *(_vma(a) for a in jax.tree.leaves(args) if hasattr(a, "shape")))))
     probes = {p.key: _varying(jnp.zeros(out_of[p.key].shape, out_of[p.key].dtype),
-                              vma_of[p.key]) for p in plans}
+                              tuple(sorted(set(vma_of[p.key]) | set(data_axes))))
+              for p in plans}
 
     def probed(p, probes):
       counter = collections.Counter()

@@ -260,3 +260,19 @@ def test_streamed_records_are_idempotent_on_resume(tmp_path):
   np.testing.assert_allclose(dense, expected, rtol=1e-6)
   with pytest.raises(ValueError, match="out of range"):
     oxs.reduce_values(d, num_examples=5)
+
+
+def test_progress_logs_throughput_and_running_mean(caplog, reference):
+  _, _, state = reference
+  with caplog.at_level("INFO", logger="optax_shapley"):
+    with oxs.Progress(total=4, batch_size=B, log_every=2, interactive=False,
+                      desc="job") as bar:
+      for _ in range(4):
+        bar.update(state)
+  lines = [r.getMessage() for r in caplog.records]
+  assert len(lines) == 2 and lines[1].startswith("job: step 4/4")
+  mean = float(np.mean(np.asarray(oxs.step_values(state))))
+  assert "examples/s" in lines[1] and f"mean value {mean:+.3e}" in lines[1]
+  silent = oxs.Progress(total=4, interactive=False, enabled=False)
+  silent.update(state)
+  assert silent.steps == 0
