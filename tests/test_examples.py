@@ -17,7 +17,8 @@ def _load(name):
 
 
 @pytest.mark.parametrize("name, kwargs", [
-    ("mlp_digits", dict(epochs=1)), ("char_transformer", dict(steps=20))])
+    ("mlp_digits", dict(epochs=1)), ("char_transformer", dict(steps=20)),
+    ("train_state", dict(epochs=1))])
 def test_example_runs(name, kwargs, capsys):
   values = _load(name).main(**kwargs)
   assert np.all(np.isfinite(values)) and np.any(values != 0)
