@@ -45,9 +45,9 @@ def main(epochs: int = 5, batch_size: int = 32, seed: int = 0,
   n, classes = len(split.X_train), split.num_classes
   model = MLP(features=(64, classes))
   steps_per_epoch = n // batch_size
+  total = epochs * steps_per_epoch
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, 3e-3, warmup_steps=steps_per_epoch,
-      decay_steps=epochs * steps_per_epoch)
+      0.0, 3e-3, warmup_steps=max(1, total // 10), decay_steps=total)
   tx = optax.chain(
       optax.clip_by_global_norm(max_norm),
       oxs.adam(schedule, num_examples=n, batch_size=batch_size,
