@@ -60,6 +60,16 @@ def _sizes(n: int, size: float | int) -> int:
   return size
 
 
+def _split_indices(n: int, seed: int, val_size, test_size):
+  """``(train, val, test)`` index arrays of a seeded permutation of ``n``."""
+  n_test, n_val = _sizes(n, test_size), _sizes(n, val_size)
+  if n_test + n_val >= n:
+    raise ValueError("validation and test splits leave no training data")
+  perm = np.random.default_rng(seed).permutation(n)
+  test, val, train = np.split(perm, [n_test, n_test + n_val])
+  return train, val, test
+
+
 def load_digits_split(seed: int = 0, val_size: float | int = 300,
                       test_size: float | int = 0.2) -> Split:
   """scikit-learn's 8x8 digits (1797 images, 10 classes), split three ways.
@@ -82,12 +92,7 @@ def load_digits_split(seed: int = 0, val_size: float | int = 300,
   digits = load_digits()
   X = (np.asarray(digits.data, np.float32) / 16.0).astype(np.float32)
   y = np.asarray(digits.target, np.int32)
-  n = len(y)
-  n_test, n_val = _sizes(n, test_size), _sizes(n, val_size)
-  if n_test + n_val >= n:
-    raise ValueError("validation and test splits leave no training data")
-  perm = np.random.default_rng(seed).permutation(n)
-  test, val, train = np.split(perm, [n_test, n_test + n_val])
+  train, val, test = _split_indices(len(y), seed, val_size, test_size)
   return Split(X[train], y[train], X[val], y[val], X[test], y[test],
                int(y.max()) + 1)
 
@@ -127,12 +132,7 @@ def load_tabular_split(name: str, seed: int = 0,
   raw = getattr(datasets, f"load_{name}")()
   X = np.asarray(raw.data, np.float64)
   y = np.asarray(raw.target, np.int32)
-  n = len(y)
-  n_test, n_val = _sizes(n, test_size), _sizes(n, val_size)
-  if n_test + n_val >= n:
-    raise ValueError("validation and test splits leave no training data")
-  perm = np.random.default_rng(seed).permutation(n)
-  test, val, train = np.split(perm, [n_test, n_test + n_val])
+  train, val, test = _split_indices(len(y), seed, val_size, test_size)
   mean, std = X[train].mean(0), X[train].std(0)
   X = ((X - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
   return Split(X[train], y[train], X[val], y[val], X[test], y[test],

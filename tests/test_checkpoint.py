@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,28 +14,15 @@ import optax
 import orbax.checkpoint as ocp
 
 import optax_shapley as oxs
+import toy
 
 B, N, D_IN, CLASSES, STEPS, STOP = 6, 24, 5, 3, 6, 3
 
 
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(CLASSES)(jnp.tanh(nn.Dense(16)(x)))
-
-
-MODEL = MLP()
-_K = jax.random.split(jax.random.key(3), 4)
-X = jax.random.normal(_K[0], (N, D_IN))
-Y = jax.random.randint(_K[1], (N,), 0, CLASSES)
-XV, YV = jax.random.normal(_K[2], (7, D_IN)), jnp.arange(7) % CLASSES
-PARAMS = MODEL.init(_K[3], X[:1])["params"]
+_P = toy.problem(toy.TanhMLP(CLASSES), 3, (N, D_IN), 7, CLASSES)
+X, Y, XV, YV, PARAMS = _P.X, _P.Y, _P.XV, _P.YV, _P.PARAMS
+per_example_loss = _P.per_example_loss
 IDS = [np.random.default_rng(t).permutation(N)[:B] for t in range(STEPS)]
-
-
-def per_example_loss(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      MODEL.apply({"params": p}, x), y)
 
 
 # A chain with clipping and a schedule: the whole optimizer state round-trips.

@@ -4,7 +4,6 @@ values and step values."""
 
 from functools import partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,20 +12,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_shapley as oxs
+import toy
 
 B, N, D_IN, V, CLASSES, STEPS, DEVICES = 8, 20, 5, 7, 3, 3, 2
 
 
-class Model(nn.Module):
-  """Dense layers (ghost factors) plus a raw parameter (jvp fallback)."""
-  @nn.compact
-  def __call__(self, x):
-    h = jnp.tanh(nn.Dense(16)(x))
-    gain = self.param("gain", nn.initializers.normal(1.0), (16,))
-    return nn.Dense(CLASSES)(h * gain)
-
-
-MODEL = Model()
+MODEL = toy.DenseGain(CLASSES)
 _K = jax.random.split(jax.random.key(1), 4)
 X = jax.random.normal(_K[0], (STEPS, B, D_IN))
 Y = jax.random.randint(_K[1], (STEPS, B), 0, CLASSES)

@@ -4,7 +4,6 @@ single-device values; sharded and table-free values; O(B) communication."""
 import re
 from functools import partial
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,37 +12,16 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optax_shapley as oxs
+import toy
 
 DEVICES, B, N, D_IN, V, CLASSES, STEPS = 8, 16, 40, 5, 7, 3, 3
 
 
-class Model(nn.Module):
-  """Dense layers plus a raw parameter (the forward-mode fallback)."""
-  @nn.compact
-  def __call__(self, x):
-    h = jnp.tanh(nn.Dense(16)(x))
-    gain = self.param("gain", nn.initializers.normal(1.0), (16,))
-    return nn.Dense(CLASSES)(h * gain)
-
-
-MODEL = Model()
-_K = jax.random.split(jax.random.key(2), 4)
-X = jax.random.normal(_K[0], (STEPS, B, D_IN))
-Y = jax.random.randint(_K[1], (STEPS, B), 0, CLASSES)
-XV = jax.random.normal(_K[2], (V, D_IN))
-YV = jnp.arange(V) % CLASSES
-PARAMS = MODEL.init(_K[3], X[0])["params"]
+_P = toy.problem(toy.DenseGain(CLASSES), 2, (STEPS, B, D_IN), V, CLASSES)
+X, Y, XV, YV, PARAMS = _P.X, _P.Y, _P.XV, _P.YV, _P.PARAMS
+per_example_loss, val_loss = _P.per_example_loss, _P.val_loss
 IDS = jnp.asarray(np.stack([np.random.default_rng(s).permutation(N)[:B]
                             for s in range(STEPS)]), jnp.int32)
-
-
-def per_example_loss(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      MODEL.apply({"params": p}, x), y)
-
-
-def val_loss(p):
-  return per_example_loss(p, XV, YV)
 
 
 def make_tx(axis_name=None, **kw):

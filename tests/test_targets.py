@@ -1,7 +1,6 @@
 """Several validation targets in one run (``num_targets``, ``val_weights``)
 against one single-target run per row, and ``class_targets``."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,35 +8,17 @@ import optax
 import pytest
 
 import optax_shapley as oxs
+import toy
 
 B, N, D_IN, V, CLASSES = 6, 20, 5, 9, 3
 LR = 1e-2
 
 
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(CLASSES)(jnp.tanh(nn.Dense(16)(x)))
-
-
-MODEL = MLP()
-_K = jax.random.split(jax.random.key(1), 4)
-X_ALL = jax.random.normal(_K[0], (N, D_IN))
-Y_ALL = jax.random.randint(_K[1], (N,), 0, CLASSES)
-XV = jax.random.normal(_K[2], (V, D_IN))
-YV = jnp.arange(V) % CLASSES
-PARAMS = MODEL.init(_K[3], X_ALL[:B])["params"]
+_P = toy.problem(toy.TanhMLP(CLASSES), 1, (N, D_IN), V, CLASSES)
+X_ALL, Y_ALL, XV, YV, PARAMS = _P.X, _P.Y, _P.XV, _P.YV, _P.PARAMS
+per_example_loss, val_loss = _P.per_example_loss, _P.val_loss
 BATCH_IDS = [np.array(b) for b in ([0, 3, 5, 7, 11, 19], [3, 4, 5, 6, 12, 18],
                                    [19, 0, 2, 8, 9, 3])]
-
-
-def per_example_loss(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      MODEL.apply({"params": p}, x), y)
-
-
-def val_loss(p):
-  return per_example_loss(p, XV, YV)
 
 
 def run(tx, weights=None, vl=val_loss):
