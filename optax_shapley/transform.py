@@ -14,7 +14,7 @@ validation loss), and accumulates ``Phi_i = sum_t phi_{t,i}``.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -22,8 +22,6 @@ outputs and temporaries), compile time, and the speed-up over ``naive``.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import statistics
 import time
 from typing import Any, Callable
@@ -35,6 +33,7 @@ import optax
 
 import optax_shapley as oxs
 from optax_shapley import data, metrics, models
+from optax_shapley.experiments import reports
 
 MODELS = ("mlp", "cnn", "transformer")
 MODES = ("plain", "exact", "auto", "naive")
@@ -228,11 +227,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), out_dir: str | None = "runs/benc
       if verbose:
         print(format_result(r), flush=True)
   if out_dir is not None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-      json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-      f.write(format_markdown(report))
+    reports.write(out_dir, "bench", report, format_markdown(report))
   return report
 
 

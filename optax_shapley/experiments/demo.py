@@ -37,6 +37,7 @@ import optax
 
 import optax_shapley as oxs
 from optax_shapley.data import flip_labels, load_digits_split
+from optax_shapley.experiments import reports
 from optax_shapley.models import MLP, cross_entropy
 
 __all__ = ["ESTIMATORS", "run_demo"]
@@ -214,16 +215,9 @@ def format_summary(s: dict) -> str:
   return "\n".join(lines)
 
 
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def _plot_values(path, names, vals, scores, flipped, auroc):
   from sklearn.metrics import roc_curve
-  plt = _plt()
+  plt = reports.pyplot()
   n = len(names)
   fig, axes = plt.subplots(1, n + 1, figsize=(4.6 * (n + 1), 3.8))
   for j, name in enumerate(names):
@@ -252,7 +246,7 @@ def _plot_values(path, names, vals, scores, flipped, auroc):
 
 
 def _plot_lowest(path, images, given, true, values, name):
-  plt = _plt()
+  plt = reports.pyplot()
   k = len(images)
   cols = min(5, max(k, 1))
   rows = max(1, -(-k // cols))

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +47,7 @@ import optax
 
 import optax_shapley as oxs
 from optax_shapley import data
+from optax_shapley.experiments import reports
 from optax_shapley.models import MLP, cross_entropy
 
 __all__ = ["Config", "Attribution", "attribute", "suspicion_scores",
@@ -151,8 +150,10 @@ def corrupted_split(cfg: Config) -> tuple[data.Split, np.ndarray]:
   return split._replace(X_train=X), mask
 
 
-def _model(cfg: Config, num_classes: int):
-  model = MLP(features=(*cfg.hidden, num_classes))
+def mlp(hidden, num_classes: int):
+  """The MLP (hidden widths ``hidden``) and its per-example cross-entropy
+  ``per_example_loss(params, x f32[B, D], y int[B]) -> f32[B]``."""
+  model = MLP(features=(*hidden, num_classes))
 
   def per_example_loss(params, x, y):
     return cross_entropy(model.apply({"params": params}, x), y)
@@ -160,7 +161,7 @@ def _model(cfg: Config, num_classes: int):
   return model, per_example_loss
 
 
-def _batches(rng, n, b):
+def epoch_batches(rng, n, b):
   """One epoch's batches: a fresh shuffle cut into ``n // b`` full batches."""
   per = n // b
   return rng.permutation(n)[:per * b].reshape(per, b)
@@ -173,7 +174,7 @@ def attribute(cfg: Config, progress: bool = False) -> Attribution:
   C, N, B = split.num_classes, len(split.y_train), cfg.batch_size
   if not 1 <= B <= N:
     raise ValueError(f"batch_size must be in [1, {N}], got {B}")
-  model, pel = _model(cfg, C)
+  model, pel = mlp(cfg.hidden, C)
   params = model.init(jax.random.key(cfg.seed), split.X_train[:1])["params"]
   X_val, y_val = jnp.asarray(split.X_val), jnp.asarray(split.y_val)
   weights = jnp.asarray(np.concatenate([
@@ -227,7 +228,7 @@ def attribute(cfg: Config, progress: bool = False) -> Attribution:
                unit="step", leave=False)
   t = 0
   for epoch in range(1, cfg.epochs + 1):
-    for ids_np in _batches(rng, N, B):
+    for ids_np in epoch_batches(rng, N, B):
       ids = jnp.asarray(ids_np, jnp.int32)
       fn = first if t == 0 else step
       params, state, loss_sum = fn(params, state, loss_sum, X_tr[ids],
@@ -307,7 +308,7 @@ def run_detect(cfg: Config = Config(), out_dir: str | None = "runs/detect",
       num_classes=att.split.num_classes, test_accuracy=att.test_accuracy,
       val_loss=att.val_loss, seconds=att.seconds, metrics=metrics)
   if out_dir is not None:
-    os.makedirs(out_dir, exist_ok=True)
+    reports.write(out_dir, "detect", report, format_markdown(report))
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
       w = csv.writer(f)
       names = list(scores)
@@ -315,10 +316,6 @@ def run_detect(cfg: Config = Config(), out_dir: str | None = "runs/detect",
       for i in range(len(att.corrupted)):
         w.writerow([i, int(att.split.y_train[i]), int(att.corrupted[i]),
                     *(repr(float(scores[n][i])) for n in names)])
-    with open(os.path.join(out_dir, "detect.json"), "w") as f:
-      json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-      f.write(format_markdown(report))
     plot_roc(scores, att.corrupted, metrics, os.path.join(out_dir, "roc.png"),
              title=_title(report))
   if verbose:
@@ -349,9 +346,7 @@ def format_markdown(report: dict) -> str:
 
 def plot_roc(scores, corrupted, metrics, path, title="") -> None:
   """ROC curves of every score."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   from sklearn.metrics import roc_curve
   fig, ax = plt.subplots(figsize=(6, 5))
   for name, s in scores.items():

@@ -33,10 +33,9 @@ bit-identical to optax's, so both paths train the same model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ import optax
 
 import optax_shapley as oxs
 from optax_shapley import data, models, truth
+from optax_shapley.experiments import reports
 
 MODELS = ("mlp", "cnn", "transformer")
 DEFAULT_STEPS = (1, 2, 3, 6, 21, 101, 301, 1001)
@@ -445,11 +445,7 @@ def run_fidelity(cfg: Config = Config(), out_dir: str | None = "runs/fidelity",
     if verbose:
       print(format_model(result))
   if out_dir is not None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "fidelity.json"), "w") as f:
-      json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-      f.write(format_markdown(report))
+    reports.write(out_dir, "fidelity", report, format_markdown(report))
     plot(report, os.path.join(out_dir, "fidelity.png"))
   return report
 
@@ -560,9 +556,7 @@ PLOTTED = (("sgd", "start"), ("fixed_state", "start"), ("fixed_state", "midpoint
 def plot(report: dict, path: str) -> None:
   """``1 - R`` against step (log-log, better is up), one panel per model, one
   line per estimator."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   results = report["models"]
   fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4),
                            squeeze=False)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shapley.experiments import detect
+from optax_shapley.experiments import detect, reports
 
 __all__ = ["Config", "retrain", "run_prune", "METHODS"]
 
@@ -74,7 +73,7 @@ def retrain(cfg: detect.Config, split, keep: np.ndarray) -> dict:
   state = tx.init(params)
   rng = np.random.default_rng(cfg.seed)
   for _ in range(cfg.epochs):
-    order = detect._batches(rng, n, b)  # pylint: disable=protected-access
+    order = detect.epoch_batches(rng, n, b)
     params, state = epoch(params, state, jnp.asarray(X[order]),
                           jnp.asarray(y[order]))
   logits = model.apply({"params": params}, jnp.asarray(split.X_test))
@@ -88,7 +87,7 @@ def retrain(cfg: detect.Config, split, keep: np.ndarray) -> dict:
 def _trainer(hidden, num_classes, learning_rate):
   """Model, loss, optimizer and a jitted epoch (``lax.scan`` over batches
   ``xs`` f32[S, B, D], ``ys`` i32[S, B]), shared by all retrainings."""
-  model, pel = detect._model(detect.Config(hidden=hidden), num_classes)  # pylint: disable=protected-access
+  model, pel = detect.mlp(hidden, num_classes)
   tx = optax.adam(learning_rate)
 
   @jax.jit
@@ -188,11 +187,7 @@ def run_prune(cfg: Config = Config(), out_dir: str | None = "runs/prune",
                 vs_sgd=vs_sgd, detection=detection,
                 seconds=time.perf_counter() - t0)
   if out_dir is not None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "prune.json"), "w") as fh:
-      json.dump(report, fh, indent=1)
-    with open(os.path.join(out_dir, "table.md"), "w") as fh:
-      fh.write(format_markdown(report))
+    reports.write(out_dir, "prune", report, format_markdown(report))
     plot(report, os.path.join(out_dir, "prune.png"))
   if verbose:
     print(format_markdown(report))
@@ -291,9 +286,7 @@ def format_markdown(report: dict) -> str:
 def plot(report: dict, path: str) -> None:
   """Test accuracy against the fraction removed, one line per score and
   direction (solid: most suspect first; dotted: least suspect first)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = reports.pyplot()
   fig, ax = plt.subplots(figsize=(7, 5))
   full = report["full"]["test_accuracy"]
   ax.axhline(full["mean"], color="k", lw=0.8, label="all data")
