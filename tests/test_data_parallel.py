@@ -29,13 +29,7 @@ IDS = jnp.asarray(np.stack([np.random.default_rng(s).permutation(N)[:B]
                             for s in range(STEPS)]), jnp.int32)
 
 
-def per_example_loss(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      MODEL.apply({"params": p}, x), y)
-
-
-def val_loss(p):
-  return per_example_loss(p, XV, YV)
+per_example_loss, val_loss = toy.losses(MODEL, XV, YV)
 
 
 def make_tx(metric, evaluation, axis_name=None, **kw):

@@ -40,7 +40,7 @@ def test_first_step_by_coalitions_then_default():
   """The recipe: step 1 by a coalitions transformation, later steps by the
   default, one state.  Values = the default run's, with step 1 swapped."""
   split, _ = detect.corrupted_split(detect.Config(dataset="wine"))
-  model, pel = detect._model(detect.Config(hidden=(8,)), split.num_classes)
+  model, pel = detect.mlp((8,), split.num_classes)
   params0 = model.init(jax.random.key(0), split.X_train[:1])["params"]
   xv, yv = jnp.asarray(split.X_val), jnp.asarray(split.y_val)
   xt, yt = jnp.asarray(split.X_train), jnp.asarray(split.y_train)

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import optax_shapley as oxs
+import toy
 from optax_shapley import metrics, truth
 
 B, N, D, H, C, V, LR = 6, 30, 5, 8, 3, 7, 0.1
@@ -34,13 +35,7 @@ MODEL = Backbone()
 PARAMS = MODEL.init(_K[3], X[:B])["params"]
 
 
-def pel(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      MODEL.apply({"params": p}, x), y)
-
-
-def val_loss(p):
-  return pel(p, XV, YV)
+pel, val_loss = toy.losses(MODEL, XV, YV)
 
 
 def frozen_optimizer(frozen):

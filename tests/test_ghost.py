@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import optax_shapley as oxs
+import toy
 from optax_shapley import ghost
 
 B, N, D, H, C, V, T = 8, 40, 6, 12, 3, 5, 4
@@ -30,13 +31,7 @@ YV = jnp.arange(V) % C
 PARAMS = MODEL.init(_K[3], X[:B])["params"]
 
 
-def pel(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      MODEL.apply({"params": p}, x), y)
-
-
-def val_loss(p):
-  return pel(p, XV, YV)
+pel, val_loss = toy.losses(MODEL, XV, YV)
 
 
 def _values(contraction, metric, steps=4, **kw):

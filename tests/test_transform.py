@@ -31,13 +31,7 @@ BATCH_IDS = [np.array(b) for b in (
     [1, 10, 13, 14, 15, 16], [17, 0, 5, 4, 8, 9])]
 
 
-def per_example_loss(p, x, y):
-  return optax.softmax_cross_entropy_with_integer_labels(
-      MODEL.apply({"params": p}, x), y)
-
-
-def val_loss(p):
-  return per_example_loss(p, XV, YV)
+per_example_loss, val_loss = toy.losses(MODEL, XV, YV)
 
 
 def mean_val_loss(p):

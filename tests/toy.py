@@ -28,6 +28,16 @@ class DenseGain(nn.Module):
     return nn.Dense(self.classes)(h * gain)
 
 
+def losses(model, xv, yv):
+  """``(per_example_loss(params, x, y) -> f32[B], val_loss(params) ->
+  f32[V])``: softmax cross-entropy of ``model`` against integer labels."""
+  def per_example_loss(p, a, b):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, a), b)
+
+  return per_example_loss, lambda p: per_example_loss(p, xv, yv)
+
+
 def problem(model, seed, x_shape, num_val, classes=3):
   """Seeded inputs ``X`` (``x_shape``, features last), labels ``Y``, a
   validation set of ``num_val``, ``PARAMS`` and the two losses."""
@@ -37,11 +47,7 @@ def problem(model, seed, x_shape, num_val, classes=3):
   xv = jax.random.normal(k[2], (num_val, x_shape[-1]))
   yv = jnp.arange(num_val) % classes
   params = model.init(k[3], x.reshape((-1, x_shape[-1]))[:2])["params"]
-
-  def per_example_loss(p, a, b):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, a), b)
-
+  per_example_loss, val_loss = losses(model, xv, yv)
   return types.SimpleNamespace(
       X=x, Y=y, XV=xv, YV=yv, PARAMS=params, per_example_loss=per_example_loss,
-      val_loss=lambda p: per_example_loss(p, xv, yv))
+      val_loss=val_loss)
