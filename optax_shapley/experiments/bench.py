@@ -5,15 +5,17 @@ with ``block_until_ready``:
 
 - ``plain``: ``jax.value_and_grad`` of the mean loss and ``optax.adam``'s
   update, jitted;
-- ``exact`` / ``auto``: the same step through ``oxs.value_grad_and_factors``
-  and ``oxs.adam(..., contraction=mode)`` (default estimator, secant at the
-  midpoint);
+- ``exact`` / ``auto`` / ``ghost``: the same step through
+  ``oxs.value_grad_and_factors`` and ``oxs.adam(..., contraction=mode)``
+  (default estimator, secant at the midpoint; ``ghost`` forces the ghost
+  rule on every Dense call, which its spot check may still send to the
+  exact rule at a given step);
 - ``naive``: the per-example-gradient baseline: ``jax.vmap(jax.grad)`` of the
   single-example loss, the same validation gradient and secant direction,
   and one dot product per example.
 
-Each mode first takes ``train_steps`` steps so that the timed step sees a
-trained optimizer state.  It reports the median step time, the throughput ratio ``plain / mode`` next
+Each mode first takes ``train_steps`` steps on random training batches, so
+that the timed step sees a trained optimizer state.  It reports the median step time, the throughput ratio ``plain / mode`` next
 to its limit ``B / (B + V)`` (the validation pass is unavoidable), the peak
 memory ratio from XLA's memory analysis of the compiled step (arguments,
 outputs and temporaries), compile time, and the speed-up over ``naive``.
@@ -36,7 +38,7 @@ from optax_shapley import data, metrics, models
 from optax_shapley.experiments import reports
 
 MODELS = ("mlp", "cnn", "transformer")
-MODES = ("plain", "exact", "auto", "naive")
+MODES = ("plain", "exact", "auto", "ghost", "naive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +52,12 @@ class BenchConfig:
     batch_size: ``B`` for the MLP and CNN; ``text_batch_size`` and
       ``seq_len`` for the transformer.
     hidden: MLP hidden width.
-    rounds: timed calls per mode (interleaved); the median is reported.
+    rounds: timed rounds per mode (interleaved, random order); the median
+      is reported.
+    repeat: consecutive calls per timing (after one untimed call of the same
+      mode), averaged.
     seed: seed of initialisation and data.
-    train_steps: steps each mode takes (on the benchmark batch) before
+    train_steps: steps each mode takes (on random training batches) before
       timing, so the optimizer state is a trained one: Adam's first steps are
       where the ghost rule's spot check falls back to the exact rule.
   """
@@ -64,6 +69,7 @@ class BenchConfig:
   seq_len: int = 128
   hidden: int = 256
   rounds: int = 20
+  repeat: int = 3
   seed: int = 0
   train_steps: int = 30
 
@@ -73,7 +79,8 @@ class _Setup:
   name: str
   params: Any
   per_example_loss: Callable
-  batch: tuple
+  batch: tuple                 # the timed batch
+  train_inputs: tuple          # training arrays, batches drawn for warm-up
   val_inputs: tuple            # full validation arrays; sliced to V
   description: str
 
@@ -98,6 +105,7 @@ def _setup(name: str, cfg: BenchConfig) -> _Setup:
 
     return _Setup(name, params, pel,
                   (jnp.asarray(split.X_train[ids]), jnp.asarray(split.y_train[ids])),
+                  (split.X_train, split.y_train),
                   (jnp.asarray(split.X_val), jnp.asarray(split.y_val)), desc)
   if name == "transformer":
     split = data.load_text_split(seed=cfg.seed, seq_len=cfg.seq_len,
@@ -116,6 +124,7 @@ def _setup(name: str, cfg: BenchConfig) -> _Setup:
     return _Setup(
         name, params, pel,
         (jnp.asarray(split.tokens_train[ids]), jnp.asarray(split.targets_train[ids])),
+        (split.tokens_train, split.targets_train),
         (jnp.asarray(split.tokens_val), jnp.asarray(split.targets_val)),
         f"char transformer d=64, 2 layers, 4 heads, T={cfg.seq_len}, "
         f"B={cfg.text_batch_size}")
@@ -123,33 +132,33 @@ def _setup(name: str, cfg: BenchConfig) -> _Setup:
 
 
 def _steps(s: _Setup, v: int, modes, lr=1e-3) -> dict[str, tuple[Callable, tuple]]:
-  """Jittable step functions ``(params, opt_state) -> (params, opt_state)``
-  (each closes over the batch) and their initial arguments."""
-  pel, batch = s.per_example_loss, s.batch
-  b = jax.tree.leaves(batch)[0].shape[0]
+  """Jittable step functions ``(params, opt_state, *batch) -> (params,
+  opt_state)`` and their initial ``(params, opt_state)``."""
+  pel = s.per_example_loss
+  b = jax.tree.leaves(s.batch)[0].shape[0]
   val = tuple(x[:v] for x in s.val_inputs)
   val_loss = lambda p: pel(p, *val)
   adam = optax.adam(lr)
   out = {}
   if "plain" in modes:
-    def plain(p, st):
+    def plain(p, st, *batch):
       _, g = jax.value_and_grad(lambda q: jnp.mean(pel(q, *batch)))(p)
       u, st = adam.update(g, st, p)
       return optax.apply_updates(p, u), st
     out["plain"] = (plain, (s.params, adam.init(s.params)))
   ids = jnp.arange(b, dtype=jnp.int32)
-  for mode in ("exact", "auto"):
+  for mode in ("exact", "auto", "ghost"):
     if mode not in modes:
       continue
     tx = oxs.adam(lr, num_examples=b, batch_size=b, contraction=mode)
 
-    def attributed(p, st, tx=tx):
+    def attributed(p, st, *batch, tx=tx):
       _, g, f = oxs.value_grad_and_factors(pel)(p, *batch)
       u, st = tx.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)
       return optax.apply_updates(p, u), st
     out[mode] = (attributed, (s.params, tx.init(s.params)))
   if "naive" in modes:
-    def naive(p, st):
+    def naive(p, st, *batch):
       st, values = st
       def one(*ex):
         return jax.grad(lambda q: pel(q, *(x[None] for x in ex))[0])(p)
@@ -182,25 +191,39 @@ def _memory(compiled) -> int | None:
 def bench_one(s: _Setup, v: int, cfg: BenchConfig) -> dict:
   """Times every mode of ``cfg`` for one model and validation size."""
   steps = _steps(s, v, cfg.modes)
+  b = jax.tree.leaves(s.batch)[0].shape[0]
+  rng = np.random.default_rng(cfg.seed)
+  n = len(s.train_inputs[0])
+  warm = [tuple(jnp.asarray(x[ids]) for x in s.train_inputs)
+          for ids in (rng.choice(n, b, replace=b > n)
+                      for _ in range(cfg.train_steps))]
   compiled, args, compile_s, memory = {}, {}, {}, {}
   for mode, (fn, init) in steps.items():
     t0 = time.perf_counter()
-    c = jax.jit(fn, donate_argnums=()).lower(*init).compile()
+    c = jax.jit(fn, donate_argnums=()).lower(*init, *s.batch).compile()
     compile_s[mode] = time.perf_counter() - t0
     memory[mode] = _memory(c)
-    for _ in range(cfg.train_steps):     # a trained state, not step 1's
-      init = c(*init)
-    compiled[mode], args[mode] = c, init
+    for batch in warm:          # a state trained on random batches
+      init = c(*init, *batch)
+    compiled[mode], args[mode] = c, (*init, *s.batch)
     for _ in range(2):                                   # warm-up
-      jax.block_until_ready(c(*init))
+      jax.block_until_ready(c(*args[mode]))
+  # Interleaved rounds in a fresh random order each round.  Every timing is
+  # preceded by an untimed call of the same mode: without it the mode after
+  # ``naive`` (which streams B per-example gradients) starts on caches that
+  # ``naive`` has emptied, and looks slower than it is.
   times = {m: [] for m in compiled}
-  for _ in range(cfg.rounds):                            # interleaved
-    for m, c in compiled.items():
-      t0 = time.perf_counter()
+  order = np.random.default_rng(cfg.seed)
+  for _ in range(cfg.rounds):
+    for m in order.permutation(list(compiled)):
+      c = compiled[m]
       jax.block_until_ready(c(*args[m]))
-      times[m].append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      for _ in range(cfg.repeat):
+        out = c(*args[m])
+      jax.block_until_ready(out)
+      times[m].append((time.perf_counter() - t0) / cfg.repeat)
   med = {m: statistics.median(t) for m, t in times.items()}
-  b = jax.tree.leaves(s.batch)[0].shape[0]
   rows = {}
   for m in compiled:
     rows[m] = dict(
