@@ -26,22 +26,46 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def factor_log_metric(m: jax.Array, weight: jax.Array | None = None):
-  """Rank-1 ``(r, q)`` from the two-way additive model of ``log |m|``.
+def factor_log_metric(m: jax.Array, weight: jax.Array | None = None,
+                      sweeps: int = 1):
+  """Rank-1 ``(r, q)`` from the two-way additive model of ``log m``.
 
-  ``log |m_jl| ~= alpha_j + beta_l`` by (weighted) row and column means, so
+  ``log m_jl ~= alpha_j + beta_l`` by (weighted) row and column means, so
   ``m ~= exp(alpha) exp(beta)^T``: Adafactor's factorisation (Shazeer and
   Stern 2018) applied to the metric's log-magnitude, which keeps the
   multiplicative ``1 / sqrt(vhat)`` structure of Adam and is not pulled by a
   few huge entries (``vhat = 0`` rows).  ``weight`` f[d_in, d_out] >= 0
-  (e.g. ``|G|``) says which entries matter.  Signs are dropped: use it for
-  metrics of one sign.
+  (e.g. ``|G|``) says which entries matter.  Entries ``m <= 0`` (a secant of
+  Adam's non-monotone update, or a metric zeroed where it was not finite)
+  get weight 0: the positive factors cannot represent them, and the ghost
+  rule's spot check measures what that costs.  The row and column sums are
+  matrix-vector products, so the kernel is read twice (once to form the
+  weighted logs, once by the products), not once per sum.  ``sweeps``
+  rounds of backfitting (alternating weighted least squares of the additive
+  model); with weights that are not a product of a row and a column factor,
+  more sweeps move the fit closer to the weighted least-squares one.
+
+  Returns:
+    ``r`` f32[d_in, 1], ``q`` f32[d_out, 1], both positive.
   """
-  lm = jnp.log(jnp.abs(m.astype(jnp.float32)) + 1e-30)
-  w = jnp.ones_like(lm) if weight is None else weight.astype(jnp.float32) + 1e-12
-  grand = jnp.sum(w * lm) / jnp.sum(w)
-  alpha = jnp.sum(w * lm, axis=1) / jnp.sum(w, axis=1) - grand
-  beta = jnp.sum(w * (lm - alpha[:, None]), axis=0) / jnp.sum(w, axis=0)
+  m = m.astype(jnp.float32)
+  pos = m > 0
+  lm = jnp.log(jnp.where(pos, m, 1.0))
+  w = jnp.ones_like(m) if weight is None else weight.astype(jnp.float32)
+  w = jnp.where(pos, w + 1e-12, 0.0)
+  wl = w * lm
+  ones_out = jnp.ones((m.shape[1],), jnp.float32)
+  ones_in = jnp.ones((m.shape[0],), jnp.float32)
+  row_w, row_wl = w @ ones_out, wl @ ones_out                  # [d_in]
+  col_w, col_wl = ones_in @ w, ones_in @ wl                    # [d_out]
+  safe = lambda x: jnp.where(x > 0, x, 1.0)
+  grand = jnp.sum(row_wl) / safe(jnp.sum(row_w))
+  alpha = jnp.where(row_w > 0, row_wl / safe(row_w), grand) - grand
+  # beta_l = sum_j w_jl (lm_jl - alpha_j) / sum_j w_jl, then alternate.
+  beta = jnp.where(col_w > 0, (col_wl - alpha @ w) / safe(col_w), grand)
+  for _ in range(sweeps - 1):
+    alpha = jnp.where(row_w > 0, (row_wl - w @ beta) / safe(row_w), 0.0)
+    beta = jnp.where(col_w > 0, (col_wl - alpha @ w) / safe(col_w), grand)
   return jnp.exp(alpha)[:, None], jnp.exp(beta)[:, None]
 
 
@@ -86,15 +110,21 @@ def ghost_values(inputs, cotangent, val_inputs, val_cotangent, r, q,
   """
   f32 = jnp.float32
   batch = inputs.shape[0]
-  a = inputs.reshape(batch, -1, inputs.shape[-1]).astype(f32)       # [B,T,i]
-  b = cotangent.reshape(batch, -1, cotangent.shape[-1]).astype(f32)  # [B,T,o]
+  a = inputs.astype(f32)                                            # [B,...,i]
+  b = cotangent.astype(f32)                                         # [B,...,o]
   ap = val_inputs.reshape(-1, val_inputs.shape[-1]).astype(f32)     # [R,i]
   bp = val_cotangent.reshape(-1, val_cotangent.shape[-1]).astype(f32)
-  left = jnp.einsum("bti,ik,ri->btkr", a, r, ap)
-  right = jnp.einsum("bto,ok,ro->btkr", b, q, bp)
-  out = jnp.sum(left * right, axis=(1, 2, 3))
+  k, num_r = r.shape[1], ap.shape[0]
+  # The metric's factors scale the validation side ([R, d] rows, few), not
+  # the training side: (a * r_k) . a'_r = a . (r_k * a'_r).
+  ar = (r.T[:, None, :] * ap[None]).reshape(k * num_r, -1)       # [K R, i]
+  bq = (q.T[:, None, :] * bp[None]).reshape(k * num_r, -1)       # [K R, o]
+  left = a.reshape(-1, a.shape[-1]) @ ar.T                        # [B T, K R]
+  right = b.reshape(-1, b.shape[-1]) @ bq.T
+  out = jnp.sum((left * right).reshape(batch, -1), axis=1)
   if bias_direction is not None:
-    out = out + jnp.einsum("bto,o->b", b, bias_direction.astype(f32))
+    out = out + jnp.sum((b.reshape(-1, b.shape[-1]) @ bias_direction.astype(f32))
+                        .reshape(batch, -1), axis=1)
   return out
 
 

@@ -341,6 +341,45 @@ def secant_scale(update_fn: UpdateFn, g, u_g, u_0, *, rtol: float = 1e-3):
   return jax.tree.map(one, g, u_g, u_0, deriv)
 
 
+def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
+  """``S = -(u(g) - u(0)) / g`` of ``optax.adam`` in closed form, elementwise.
+
+  With the moments ``mu``, ``nu`` and ``count`` of ``adam_state`` (the state
+  *before* this step), ``t = count + 1``, ``c1 = 1 - b1^t``,
+  ``c2 = 1 - b2^t``, ``A = b1 mu / c1``, ``a = (1 - b1) / c1``,
+  ``vhat(g) = (b2 nu + (1 - b2) g^2) / c2``, ``s = sqrt(vhat(g))``,
+  ``s0 = sqrt(vhat(0))``, ``D = s + eps`` and ``D0 = s0 + eps``, Adam's step
+  is ``u(g) = -eta (A + a g) / D`` and, using
+  ``D - D0 = (1 - b2) g^2 / (c2 (s + s0))``::
+
+      S = eta (a / D - A (1 - b2) g / (c2 (s + s0) D D0))
+
+  The same quantity as :func:`secant_scale` without its cancellation: it is
+  finite at ``g = 0`` (where it is the derivative ``eta a / D0``), needs
+  neither ``u(0)`` nor a ``jax.jvp``, and is one elementwise expression per
+  leaf, which the compiler fuses into one pass.  Weight decay (AdamW) does
+  not depend on ``g`` and cancels.  Returns a tree like ``g``, float32.
+  """
+  t = adam_state.count.astype(jnp.float32) + 1.0
+  c1 = 1.0 - b1 ** t
+  c2 = 1.0 - b2 ** t
+  a = (1.0 - b1) / c1
+
+  def one(gi, mu, nu):
+    gi = gi.astype(jnp.float32)
+    big_a = b1 * mu.astype(jnp.float32) / c1
+    vh0 = b2 * nu.astype(jnp.float32) / c2
+    s0 = jnp.sqrt(vh0)
+    s = jnp.sqrt(vh0 + (1.0 - b2) * gi * gi / c2)
+    d, d0 = s + eps, s0 + eps
+    both = s + s0
+    cross = jnp.where(both > 0, big_a * (1.0 - b2) * gi
+                      / (c2 * jnp.where(both > 0, both, 1.0) * d * d0), 0.0)
+    return learning_rate * (a / d - cross)
+
+  return jax.tree.map(one, g, adam_state.mu, adam_state.nu)
+
+
 def evaluation_point(name: str, params, u_g, u_0=None):
   """``wbar_t``: ``start`` = ``w_t``; ``midpoint`` = ``w_t + (u(0) + u(g))/2``;
   ``end`` = ``w_t + u(g)``."""

@@ -35,6 +35,9 @@ ERROR_CAPTURE_MISMATCH = 8
 CAPTURE_RTOL = 1e-2
 # Examples on which ghost values are checked against the exact rule each step.
 GHOST_SPOT_CHECK = 8
+# The rank-1 ghost rule is used only where at most this share of the
+# direction's mass (sum |S G|) sits on negative metric entries.
+GHOST_NEGATIVE_MASS = 1e-2
 # Where the accumulated values live (with_shapley(table=...)).
 TABLES = ("replicated", "sharded", "none")
 _ERROR_TEXT = {
@@ -116,9 +119,10 @@ def with_shapley(
     secant_nodes: int = 3,
     coalition_permutations: int = 64,
     ghost_rank: int = 1,
-    ghost_tol: float = 0.05,
+    ghost_tol: float | None = 0.05,
     num_targets: int | None = None,
     table: str = "replicated",
+    closed_form: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` to accumulate per-example in-run data Shapley values.
 
@@ -183,7 +187,12 @@ def with_shapley(
     ghost_tol: a Dense call keeps its ghost values at a step only if they
       are within this relative error of the exact rule on the first
       ``GHOST_SPOT_CHECK`` examples (a cheap spot check); otherwise that call
-      is contracted exactly (``inf``: always ghost).
+      is contracted exactly (``inf``: always ghost).  ``None``: no spot
+      check and no fallback (the cheapest ghost rule; its accuracy is that of
+      the factorisation, see ``docs/bench.md``).  With a number (``inf``
+      included) a rank-1 factorisation is also refused where more than
+      ``GHOST_NEGATIVE_MASS`` of the direction sits on negative metric
+      entries; ``None`` never refuses.
     axis_name: the data-parallel axis under ``jax.pmap`` / ``jax.shard_map``.
     learning_rate, b1, b2, eps: the Adam hyperparameters, needed by the
       ``sgd`` (``learning_rate`` only) and ``fixed_state`` metrics.
@@ -191,6 +200,12 @@ def with_shapley(
       Taylor base point) instead of ``vhat_t``.
     coalition_permutations: permutations per step of the ``"coalitions"``
       metric when ``B > 12`` (exact enumeration below).
+    closed_form: ``"adam"`` when ``inner`` is ``optax.adam`` / ``optax.adamw``
+      with these ``learning_rate``, ``b1``, ``b2``, ``eps`` (set by
+      :func:`adam` and :func:`adamw`): the secant metric is then computed in
+      closed form (:func:`optax_shapley.metrics.adam_secant_scale`, one fused
+      elementwise pass) instead of from ``u(g)``, ``u(0)`` and a ``jax.jvp``
+      of the update.  ``None`` (default): from the update, for any optimizer.
     elementwise: ``inner`` acts coordinate-wise (Adam, AdamW, SGD, RMSProp):
       the secant metric is then an exact difference quotient.  Leave False
       for optimizers that mix coordinates (global-norm clipping); secant then
@@ -204,6 +219,10 @@ def with_shapley(
   """
   ests = _estimators(metric, evaluation)
   multi = isinstance(metric, (tuple, list)) or isinstance(evaluation, (tuple, list))
+  if closed_form not in (None, "adam"):
+    raise ValueError(f"closed_form must be None or 'adam', got {closed_form!r}")
+  if closed_form == "adam" and None in (learning_rate, b1, b2, eps):
+    raise ValueError("closed_form='adam' needs learning_rate, b1, b2 and eps")
   if contraction not in ("auto", "exact", "ghost"):
     raise ValueError("contraction must be 'auto', 'exact' or 'ghost', got "
                      f"{contraction!r}")
@@ -257,7 +276,8 @@ def with_shapley(
     inner_update = lambda g: inner.update(g, state.inner_state, params, **extra_args)
     u_g, new_inner = inner_update(grads)
     update_of = lambda g: inner_update(g)[0]
-    need_zero = any(m in ("secant", "coalitions") or e == "midpoint"
+    need_zero = any(m == "coalitions" or e == "midpoint"
+                    or (m == "secant" and closed_form != "adam")
                     for m, e in ests)
     u_0 = update_of(jax.tree.map(jnp.zeros_like, grads)) if need_zero else None
 
@@ -305,6 +325,10 @@ def with_shapley(
             prev_state=metrics.find_adam_state(state.inner_state))
       elif elementwise and m == "linearized":
         scale = metrics.linearized_scale(update_of, grads)
+      elif elementwise and closed_form == "adam":
+        scale = metrics.adam_secant_scale(
+            grads, metrics.find_adam_state(state.inner_state),
+            learning_rate=eta, b1=b1, b2=b2, eps=eps)
       elif elementwise:
         scale = metrics.secant_scale(update_of, grads, u_g, u_0)
       def direction(v, m=m, scale=scale):
@@ -334,14 +358,17 @@ def with_shapley(
               (-1,) + xs[0].shape[(weights is not None):]), *dirs)
       lin = capture.contract(factors, stacked, frozen,
                              skip_calls=tuple(plans))     # f32[B_local, E_lin]
-      check_dirs = stacked
+      ghost_expected, ghost_kernels = None, ()
       if plans:
-        extra, check_dirs = _ghost_contract(
+        extra, ghost_expected = _ghost_contract(
             factors, plans, linear, ests, scales, val_grads, val_calls, stacked,
-            ghost_rank, ghost_tol, axis_name)
+            grads, ghost_rank, ghost_tol, axis_name)
         lin = lin + extra
+        ghost_kernels = tuple(kernel for kernel, _ in plans.values())
       lin = lin / n_dev
-      mismatch = _check_sum(lin, grads, check_dirs, axis_name) | rescale_error
+      mismatch = _check_sum(lin, grads, stacked, axis_name,
+                            skip_leaves=ghost_kernels,
+                            extra_expected=ghost_expected) | rescale_error
       lin = lin.reshape((lin.shape[0], len(linear), num_k))
       for j, k in enumerate(linear):
         columns[k] = lin[:, j] if weights is not None else lin[:, j, 0]
@@ -427,9 +454,9 @@ def _ghost_plans(factors, val_calls, frozen, contraction, rank) -> dict:
 
 
 def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
-                    stacked, rank, tol, axis_name=None):
-  """Values of the chosen Dense calls, f32[B_local, E_lin], and the
-  directions they add up to (for the add-up check).
+                    stacked, grads, rank, tol, axis_name=None):
+  """Values of the chosen Dense calls, f32[B_local, E_lin], and what they add
+  up to, f32[E_lin] (``g . d`` over the chosen kernels, for the add-up check).
 
   Per call and estimator the scale is factored (rank 1: log-magnitude two-way
   means weighted by ``|G|``; rank ``K > 1``: subspace iteration) and the
@@ -437,52 +464,74 @@ def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
   ``GHOST_SPOT_CHECK`` examples: within ``tol`` (relative 2-norm) the ghost
   values stand, otherwise the call is contracted exactly (``lax.cond``: the
   exact branch only runs when needed).  Under data parallelism the check's
-  error is summed over ``axis_name``, so every device decides alike.  The
-  rank-1 log-magnitude factorisation needs a metric of one sign; where the
-  scale has an entry <= 0 the exact rule is used.
+  error is summed over ``axis_name``, so every device decides alike.
+
+  The add-up target of a ghost call is ``g . ((r q^T) * G)``, computed from
+  the validation factors (``G = sum_r a'_r b'_r^T``) as
+  ``sum_{r,k} ((r_k * a'_r)^T g) . (q_k * b'_r)``: ``R K`` products with the
+  kernel gradient instead of forming the factored direction.
   """
   original = factors.params_treedef.flatten_up_to(stacked)
-  d_leaves = list(original)
+  g_leaves = jax.tree.leaves(grads)
   total = jnp.zeros((factors.batch_size, len(linear)), jnp.float32)
+  expected = jnp.zeros((len(linear),), jnp.float32)
+  f32 = jnp.float32
   for idx, (kernel, bias) in plans.items():
     plan = factors.plans[idx]
     (a,), b = factors.calls[idx]
+    a, b = jax.lax.optimization_barrier((a, b))
     call_args, call_kwargs = capture._unflatten_call_args(plan, ((a,)))  # pylint: disable=protected-access
-    cols = []
+    g_kernel = g_leaves[kernel].astype(f32)
+    cols, sums = [], []
     for j, k in enumerate(linear):
       e = ests[k][1]
-      s_k = jax.tree.leaves(scales[j])[kernel].astype(jnp.float32)
-      g_k = jax.tree.leaves(val_grads[e])[kernel].astype(jnp.float32)
+      s_k = jax.tree.leaves(scales[j])[kernel].astype(f32)
+      g_k = jax.tree.leaves(val_grads[e])[kernel].astype(f32)
       if rank == 1:
         r, q = ghost.factor_log_metric(s_k, jnp.abs(g_k))
       else:
         r, q = ghost.factor_metric(s_k, rank)
-      approx = (r @ q.T) * g_k
-      true = original[kernel][j]
       (va,), vb = val_calls[e][plan.key]
       bias_dir = None if bias is None else original[bias][j]
       d_mod = capture.module_direction(plan, [x[j] for x in original])
       ghost_vals = ghost.ghost_values(a, b, va, vb, r, q, bias_dir)
-      # Spot check: the exact rule on the first few examples of the batch.
-      m = min(GHOST_SPOT_CHECK, factors.batch_size)
-      spot = layers.contract(plan.module, plan.method, d_mod, (a[:m],),
-                             call_kwargs, b[:m])
-      num = jnp.sum(jnp.square(ghost_vals[:m] - spot))
-      den = jnp.sum(jnp.square(spot))
-      if axis_name is not None:
-        num, den = jax.lax.psum((num, den), axis_name)
-      ok = jnp.sqrt(num) <= tol * (jnp.sqrt(den) + 1e-30)
-      if rank == 1:
-        ok = ok & jnp.all(s_k > 0)
+      if tol is None:             # no spot check: the ghost values stand
+        ok = jnp.ones([], bool)
+      else:
+        # Spot check: the exact rule on the first few examples of the batch.
+        m = min(GHOST_SPOT_CHECK, factors.batch_size)
+        spot = layers.contract(plan.module, plan.method, d_mod, (a[:m],),
+                               call_kwargs, b[:m])
+        num = jnp.sum(jnp.square(ghost_vals[:m] - spot))
+        den = jnp.sum(jnp.square(spot))
+        if axis_name is not None:
+          num, den = jax.lax.psum((num, den), axis_name)
+        ok = jnp.sqrt(num) <= tol * (jnp.sqrt(den) + 1e-30)
+      if rank == 1 and tol is not None:
+        # Positive factors cannot follow a metric of both signs: the share
+        # of the direction on negative entries must be negligible.
+        mass = jnp.abs(s_k * g_k)
+        ok = ok & (jnp.sum(jnp.where(s_k < 0, mass, 0.0))
+                   <= GHOST_NEGATIVE_MASS * jnp.sum(mass))
 
       def use_exact(_, d_mod=d_mod, b=b):
         return layers.contract(plan.module, plan.method, d_mod, call_args,
                                call_kwargs, b)
 
-      cols.append(jax.lax.cond(ok, lambda _, gv=ghost_vals: gv, use_exact, None))
-      d_leaves[kernel] = d_leaves[kernel].at[j].set(jnp.where(ok, approx, true))
+      cols.append(ghost_vals if tol is None else
+                  jax.lax.cond(ok, lambda _, gv=ghost_vals: gv, use_exact, None))
+      ap = va.reshape(-1, va.shape[-1]).astype(f32)             # [R, d_in]
+      bp = vb.reshape(-1, vb.shape[-1]).astype(f32)             # [R, d_out]
+      left = jnp.einsum("ri,ik,io->rko", ap, r, g_kernel)
+      factored = jnp.einsum("rko,ro,ok->", left, bp, q)
+      if tol is None:
+        sums.append(factored)
+      else:
+        exact = jnp.vdot(g_kernel, original[kernel][j].astype(f32))
+        sums.append(jnp.where(ok, factored, exact))
     total = total + jnp.stack(cols, axis=1)
-  return total, jax.tree.unflatten(factors.params_treedef, d_leaves)
+    expected = expected + jnp.stack(sums)
+  return total, expected
 
 
 def _coalitions(update_of, u_0, shares, val_grad, count, axis_name,
@@ -678,16 +727,24 @@ def _check_concrete_ids(ids, num_examples):
                      "once in the batch")
 
 
-def _check_sum(step_vals, grads, directions, axis_name=None) -> jax.Array:
+def _check_sum(step_vals, grads, directions, axis_name=None,
+               skip_leaves=(), extra_expected=None) -> jax.Array:
   """``ERROR_CAPTURE_MISMATCH`` unless ``sum_i x_i . d_e = g . d_e`` for all e.
 
   The per-example shares ``x_i`` sum to the batch gradient ``g``, so the
   values of a step must sum to ``g . d``; one dot product per estimator.
   ``step_vals`` f32[B_local, E]; sums run over ``axis_name`` when given.
+  Leaves in ``skip_leaves`` (ghost kernels) contribute ``extra_expected``
+  f32[E] instead of ``g . d``.
   """
+  skip = frozenset(skip_leaves)
   expected = sum(
       jnp.tensordot(d, g.astype(jnp.float32), axes=g.ndim)
-      for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(directions)))
+      for n, (g, d) in enumerate(zip(jax.tree.leaves(grads),
+                                     jax.tree.leaves(directions)))
+      if n not in skip)
+  if extra_expected is not None:
+    expected = expected + extra_expected
   total = jnp.sum(step_vals, axis=0)
   size = jnp.sum(jnp.abs(step_vals), axis=0)
   if axis_name is not None:
@@ -719,7 +776,7 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
-      **kwargs)
+      closed_form="adam", **kwargs)
 
 
 def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
@@ -736,7 +793,7 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                   weight_decay=weight_decay, mask=mask),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
-      **kwargs)
+      closed_form="adam", **kwargs)
 
 
 def sgd(learning_rate, momentum: float | None = None, nesterov: bool = False,

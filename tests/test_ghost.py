@@ -71,6 +71,19 @@ def test_factorisations():
   row, col = rng.random(9) + 0.1, rng.random(5) + 0.1
   r, q = ghost.factor_log_metric(jnp.asarray(np.outer(row, col)))
   np.testing.assert_allclose(r @ q.T, np.outer(row, col), rtol=1e-5)
+  # Entries <= 0 (a zeroed or negative metric entry) get no weight: the
+  # positive entries still give the rank-1 matrix back exactly.
+  spoilt = np.outer(row, col)
+  spoilt[2, :] = 0.0
+  spoilt[4, 1], spoilt[0, 3] = -3.0, -1e-3
+  r, q = ghost.factor_log_metric(jnp.asarray(spoilt),
+                                 jnp.asarray(rng.random((9, 5)) + 0.5),
+                                 sweeps=200)
+  keep = spoilt > 0
+  keep[2, :] = False
+  np.testing.assert_allclose((r @ q.T)[keep], np.outer(row, col)[keep],
+                             rtol=1e-4)
+  assert np.all(np.isfinite(r)) and np.all(r > 0) and np.all(q > 0)
   m = rng.normal(size=(9, 5)) @ np.diag([5.0, 2.0, 0, 0, 0]) @ rng.normal(size=(5, 5))
   r, q = ghost.factor_metric(jnp.asarray(m), rank=2, iterations=4)
   np.testing.assert_allclose(r @ q.T, m, atol=1e-4 * np.abs(m).max())
@@ -95,6 +108,16 @@ def test_spot_check_falls_back_to_exact():
   assert not np.allclose(loose, exact, rtol=1e-3)
   r = [np.corrcoef(loose[t], exact[t])[0, 1] for t in range(len(exact))]
   assert min(r[1:]) > 0.9, r
+
+
+def test_ghost_without_spot_check_keeps_the_ghost_values():
+  """``ghost_tol=None`` skips the spot check: the values are the rank-1
+  ghost's (those of an infinite tolerance), and the add-up check, computed
+  from the validation factors, still passes (``oxs.check`` inside)."""
+  loose = _values("ghost", "secant", ghost_tol=float("inf"))
+  unchecked = _values("ghost", "secant", ghost_tol=None)
+  np.testing.assert_allclose(unchecked, loose, rtol=1e-5,
+                             atol=1e-6 * np.abs(loose).max())
 
 
 @pytest.mark.parametrize("contraction", ["auto", "ghost"])
