@@ -123,14 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
   bench.add_argument("--val-sizes", default="4,16,64",
                      help="validation sizes V (default: %(default)s)")
-  bench.add_argument("--modes", default="plain,exact,auto,naive",
-                     help="comma-separated subset of plain,exact,auto,naive "
-                          "(default: %(default)s)")
+  bench.add_argument("--modes", default="plain,exact,auto,ghost,naive",
+                     help="comma-separated subset of "
+                          "plain,exact,auto,ghost,naive (default: %(default)s)")
   bench.add_argument("--batch-size", type=_positive, default=256)
   bench.add_argument("--text-batch-size", type=_positive, default=64)
   bench.add_argument("--seq-len", type=_positive, default=128)
   bench.add_argument("--rounds", type=_positive, default=20,
-                     help="timed steps per mode (default: %(default)s)")
+                     help="timed rounds per mode, interleaved in random "
+                          "order (default: %(default)s)")
   bench.add_argument("--out", default="runs/bench",
                      help="output folder (default: %(default)s)")
   for name, helptext, desc in (
