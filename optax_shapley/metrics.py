@@ -357,8 +357,9 @@ def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
   The same quantity as :func:`secant_scale` without its cancellation: it is
   finite at ``g = 0`` (where it is the derivative ``eta a / D0``), needs
   neither ``u(0)`` nor a ``jax.jvp``, and is one elementwise expression per
-  leaf, which the compiler fuses into one pass.  Weight decay (AdamW) does
-  not depend on ``g`` and cancels.  Returns a tree like ``g``, float32.
+  leaf (XLA's CPU backend still splits its square roots and divisions into
+  a few loops; ``docs/bench.md``).  Weight decay (AdamW) does not depend on
+  ``g`` and cancels.  Returns a tree like ``g``, float32.
   """
   t = adam_state.count.astype(jnp.float32) + 1.0
   c1 = 1.0 - b1 ** t

@@ -203,8 +203,8 @@ def with_shapley(
     closed_form: ``"adam"`` when ``inner`` is ``optax.adam`` / ``optax.adamw``
       with these ``learning_rate``, ``b1``, ``b2``, ``eps`` (set by
       :func:`adam` and :func:`adamw`): the secant metric is then computed in
-      closed form (:func:`optax_shapley.metrics.adam_secant_scale`, one fused
-      elementwise pass) instead of from ``u(g)``, ``u(0)`` and a ``jax.jvp``
+      closed form (:func:`optax_shapley.metrics.adam_secant_scale`, one
+      elementwise expression) instead of from ``u(g)``, ``u(0)`` and a ``jax.jvp``
       of the update.  ``None`` (default): from the update, for any optimizer.
     elementwise: ``inner`` acts coordinate-wise (Adam, AdamW, SGD, RMSProp):
       the secant metric is then an exact difference quotient.  Leave False
