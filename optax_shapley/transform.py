@@ -479,7 +479,6 @@ def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
   for idx, (kernel, bias) in plans.items():
     plan = factors.plans[idx]
     (a,), b = factors.calls[idx]
-    a, b = jax.lax.optimization_barrier((a, b))
     call_args, call_kwargs = capture._unflatten_call_args(plan, ((a,)))  # pylint: disable=protected-access
     g_kernel = g_leaves[kernel].astype(f32)
     cols, sums = [], []
@@ -493,21 +492,26 @@ def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
         r, q = ghost.factor_metric(s_k, rank)
       (va,), vb = val_calls[e][plan.key]
       bias_dir = None if bias is None else original[bias][j]
-      d_mod = capture.module_direction(plan, [x[j] for x in original])
       ghost_vals = ghost.ghost_values(a, b, va, vb, r, q, bias_dir)
+      ap = va.reshape(-1, va.shape[-1]).astype(f32)             # [R, d_in]
+      bp = vb.reshape(-1, vb.shape[-1]).astype(f32)             # [R, d_out]
+      left = jnp.einsum("ri,ik,io->rko", ap, r, g_kernel)
+      factored = jnp.einsum("rko,ro,ok->", left, bp, q)
       if tol is None:             # no spot check: the ghost values stand
-        ok = jnp.ones([], bool)
-      else:
-        # Spot check: the exact rule on the first few examples of the batch.
-        m = min(GHOST_SPOT_CHECK, factors.batch_size)
-        spot = layers.contract(plan.module, plan.method, d_mod, (a[:m],),
-                               call_kwargs, b[:m])
-        num = jnp.sum(jnp.square(ghost_vals[:m] - spot))
-        den = jnp.sum(jnp.square(spot))
-        if axis_name is not None:
-          num, den = jax.lax.psum((num, den), axis_name)
-        ok = jnp.sqrt(num) <= tol * (jnp.sqrt(den) + 1e-30)
-      if rank == 1 and tol is not None:
+        cols.append(ghost_vals)
+        sums.append(factored)
+        continue
+      # Spot check: the exact rule on the first few examples of the batch.
+      d_mod = capture.module_direction(plan, [x[j] for x in original])
+      m = min(GHOST_SPOT_CHECK, factors.batch_size)
+      spot = layers.contract(plan.module, plan.method, d_mod, (a[:m],),
+                             call_kwargs, b[:m])
+      num = jnp.sum(jnp.square(ghost_vals[:m] - spot))
+      den = jnp.sum(jnp.square(spot))
+      if axis_name is not None:
+        num, den = jax.lax.psum((num, den), axis_name)
+      ok = jnp.sqrt(num) <= tol * (jnp.sqrt(den) + 1e-30)
+      if rank == 1:
         # Positive factors cannot follow a metric of both signs: the share
         # of the direction on negative entries must be negligible.
         mass = jnp.abs(s_k * g_k)
@@ -518,17 +522,9 @@ def _ghost_contract(factors, plans, linear, ests, scales, val_grads, val_calls,
         return layers.contract(plan.module, plan.method, d_mod, call_args,
                                call_kwargs, b)
 
-      cols.append(ghost_vals if tol is None else
-                  jax.lax.cond(ok, lambda _, gv=ghost_vals: gv, use_exact, None))
-      ap = va.reshape(-1, va.shape[-1]).astype(f32)             # [R, d_in]
-      bp = vb.reshape(-1, vb.shape[-1]).astype(f32)             # [R, d_out]
-      left = jnp.einsum("ri,ik,io->rko", ap, r, g_kernel)
-      factored = jnp.einsum("rko,ro,ok->", left, bp, q)
-      if tol is None:
-        sums.append(factored)
-      else:
-        exact = jnp.vdot(g_kernel, original[kernel][j].astype(f32))
-        sums.append(jnp.where(ok, factored, exact))
+      cols.append(jax.lax.cond(ok, lambda _, gv=ghost_vals: gv, use_exact, None))
+      exact = jnp.vdot(g_kernel, original[kernel][j].astype(f32))
+      sums.append(jnp.where(ok, factored, exact))
     total = total + jnp.stack(cols, axis=1)
     expected = expected + jnp.stack(sums)
   return total, expected
