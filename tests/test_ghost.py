@@ -118,6 +118,11 @@ def test_ghost_without_spot_check_keeps_the_ghost_values():
   unchecked = _values("ghost", "secant", ghost_tol=None)
   np.testing.assert_allclose(unchecked, loose, rtol=1e-5,
                              atol=1e-6 * np.abs(loose).max())
+  # Independent of the ghost code path: with the sgd metric (rank 1) the
+  # unchecked ghost values are the exact rule's.
+  exact = _values("exact", "sgd")
+  np.testing.assert_allclose(_values("ghost", "sgd", ghost_tol=None), exact,
+                             rtol=1e-4, atol=1e-5 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize("contraction", ["auto", "ghost"])
