@@ -52,6 +52,7 @@ class _CallPlan:
   args_treedef: Any     # treedef of (args, kwargs) with arrays as leaves
   static_leaves: tuple  # ((position, value), ...) non-array leaves of args
   num_leaves: int
+  per_example: bool = False   # keeps per-example parameter gradients instead
 
 
 @jax.tree_util.register_pytree_node_class
@@ -64,7 +65,10 @@ class Factors:
   Attributes:
     calls: per supported module call, ``(inputs, cotangent)``: the array
       inputs of the call (leading axis ``B``) and the output cotangent
-      ``b = c * dl/dy``, f[B, ...].
+      ``b = c * dl/dy``, f[B, ...]; for a call planned ``per_example``
+      (its parameters take less memory per example than its factors),
+      ``((), x)`` with ``x`` the call's ``'params'`` dict of per-example
+      gradient shares ``c * dl_i/dtheta``, leaves f[B, *leaf.shape].
     fallback: ``(params, args)`` kept for the forward-mode fallback, or
       ``None`` when every trainable leaf is owned by a supported call.
     plans: static, one :class:`_CallPlan` per entry of ``calls``.
@@ -288,8 +292,38 @@ def _check_dropout(records, batch, batched_keys):
       raise layers.dropout_error(r["path"])
 
 
-def _plan(records, batch, num_leaves, leaf_is_float, batched_keys=None):
-  """Chooses which calls get probes; the rest of the leaves fall back."""
+def _prefers_per_example(r, batch, leaf_sizes) -> bool:
+  """Whether the call's per-example parameter gradients (``B`` times its
+  parameters) take less memory than its factors (its array inputs and its
+  output cotangent): small kernels applied at many positions, such as a
+  first convolution.  This is the per-layer choice between ghost
+  factors and per-sample gradients of differentially private training
+  (Bu et al. 2022, "Scalable and efficient training of large convolutional
+  neural networks with differential privacy").
+
+  Only ``nn.Conv`` calls without feature groups, a kernel mask or input
+  dilation, padded ``"SAME"``, ``"VALID"`` or explicitly, qualify: their
+  per-example kernel gradients come from strided slices of the input
+  (:func:`_conv_per_example_grads`), whereas the generic per-example vjp
+  becomes a batch-grouped convolution that XLA transposes through
+  cotangent-sized buffers, which loses what it saves."""
+  m = r["module"]
+  if (type(m) is not nn.Conv or r["method"] != "__call__"
+      or m.feature_group_count != 1 or m.mask is not None
+      or len(r["in_shapes"]) != 1
+      or _conv_geometry(m, r["in_shapes"][0]) is None):
+    return False
+  params = sum(leaf_sizes[i] for _, i in r["owned"])
+  factors = sum(int(np.prod(s)) for s in r["in_shapes"]) + int(
+      np.prod(r["out"].shape))
+  return batch * params < factors
+
+
+def _plan(records, batch, num_leaves, leaf_is_float, batched_keys=None,
+          leaf_sizes=None):
+  """Chooses which calls get probes; the rest of the leaves fall back.
+  With ``leaf_sizes`` (parameter leaf sizes), calls whose per-example
+  gradients are smaller than their factors are planned ``per_example``."""
   valid, tainted = [], set()
   for r in records:
     matched = [i for _, i in r["owned"] if i is not None]
@@ -311,7 +345,9 @@ def _plan(records, batch, num_leaves, leaf_is_float, batched_keys=None):
     plans.append(_CallPlan(
         key=r["key"], module=r["module"], method=r["method"],
         param_map=r["owned"], args_treedef=r["treedef"],
-        static_leaves=r["statics"], num_leaves=r["n"]))
+        static_leaves=r["statics"], num_leaves=r["n"],
+        per_example=(leaf_sizes is not None
+                     and _prefers_per_example(r, batch, leaf_sizes))))
   fallback = tuple(i for i in range(num_leaves)
                    if leaf_is_float[i] and i not in ruled)
   return tuple(plans), fallback
@@ -321,6 +357,7 @@ def value_grad_and_factors(
     per_example_loss: Callable[..., jax.Array],
     *,
     reduction: str = "mean",
+    per_example: str = "auto",
     _data_closed_over: bool = False,
 ) -> Callable[..., tuple[jax.Array, Any, Factors]]:
   """Per-example losses, the batch gradient and ghost factors in one pass.
@@ -341,13 +378,24 @@ def value_grad_and_factors(
   ``per_example_loss`` must make ``l_i`` depend on example ``i`` only (every
   array in ``args`` has the batch on its leading axis).
 
+  ``per_example="auto"`` (default): an ``nn.Conv`` call whose kernel and
+  bias, times ``B``, take less memory than its factors (a first convolution
+  with few input channels: 3x3x1x16 entries against 8x8x(1 + 16) per image)
+  keeps its per-example parameter gradients instead, formed in the backward
+  pass from the input's kernel taps as soon as its output cotangent exists; the
+  cotangent is then not kept (``Factors.calls``) and the convolution's batch
+  gradient is their sum.  ``"never"``: every call keeps factors.
+
   Raises:
-    ValueError: ``reduction`` unknown, or the loss is not of shape ``[B]``.
+    ValueError: ``reduction`` or ``per_example`` unknown, or the loss is not
+      of shape ``[B]``.
     UnsupportedModuleError: a module mixes examples (``nn.BatchNorm`` in
       training mode).
   """
   if reduction not in _REDUCTIONS:
     raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+  if per_example not in ("auto", "never"):
+    raise ValueError(f"per_example must be 'auto' or 'never', got {per_example!r}")
 
   def fn(params, *args):
     leaves, treedef = jax.tree.flatten(params)
@@ -364,7 +412,10 @@ def value_grad_and_factors(
                else _batched_keys(per_example_loss, params, args, batch))
     _check_dropout(records, batch, batched)
     records = [r for r in records if r.get("kind") != "dropout"]
-    plans, fallback_leaves = _plan(records, batch, len(leaves), is_float, batched)
+    plans, fallback_leaves = _plan(
+        records, batch, len(leaves), is_float, batched,
+        leaf_sizes=([int(np.size(x)) for x in leaves]
+                    if per_example == "auto" else None))
     by_key = {p.key: p for p in plans}
     out_of = {r["key"]: r["out"] for r in records}
     vma_of = {r["key"]: r["vma"] for r in records}
@@ -373,9 +424,15 @@ def value_grad_and_factors(
     # batch): its per-example cotangents must stay on their device.
     data_axes = tuple(sorted(set().union(
         *(_vma(a) for a in jax.tree.leaves(args) if hasattr(a, "shape")))))
-    probes = {p.key: _varying(jnp.zeros(out_of[p.key].shape, out_of[p.key].dtype),
-                              tuple(sorted(set(vma_of[p.key]) | set(data_axes))))
-              for p in plans}
+    def probe_for(p):
+      axes = tuple(sorted(set(vma_of[p.key]) | set(data_axes)))
+      if p.per_example:         # [B, *leaf] per parameter of the call
+        return {path: _varying(jnp.zeros((batch,) + jnp.shape(leaves[i]),
+                                         jnp.result_type(leaves[i])), axes)
+                for path, i in p.param_map}
+      return _varying(jnp.zeros(out_of[p.key].shape, out_of[p.key].dtype), axes)
+
+    probes = {p.key: probe_for(p) for p in plans}
 
     def probed(p, probes):
       counter = collections.Counter()
@@ -386,10 +443,21 @@ def value_grad_and_factors(
         if not layers.is_supported(module, method):
           return next_fun(*call_args, **call_kwargs)
         key = _call_key(counter, module, method)
+        arrays = _flatten_call_args(call_args, call_kwargs)[0]
+        if key in by_key and by_key[key].per_example:
+          inputs[key] = ()
+          plan = by_key[key]
+          # Varying like the data, so that the custom rule's parameter
+          # cotangent (a sum over this device's examples) is psum-ed by the
+          # transpose of this cast, outside the rule.
+          axes = tuple(sorted(set(data_axes).union(*(_vma(a) for a in arrays))))
+          theta = jax.tree.map(lambda t: _varying(t, axes),
+                               module_direction(plan, jax.tree.leaves(p)))
+          return _per_example_call(plan, theta, probes[key], arrays)
         out = next_fun(*call_args, **call_kwargs)
         if key not in by_key:
           return out
-        inputs[key] = _flatten_call_args(call_args, call_kwargs)[0]
+        inputs[key] = arrays
         return out + probes[key]
 
       with nn.intercept_methods(interceptor):
@@ -404,13 +472,152 @@ def value_grad_and_factors(
     cot = _varying(jnp.full_like(losses, _scale(reduction, batch)),
                    _vma(losses))
     grads, probe_cts = vjp_fn(cot)
-    calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)
+    calls = tuple((inputs[p.key], _nest(probe_cts[p.key]) if p.per_example
+                   else probe_cts[p.key]) for p in plans)
     fb = (params, args) if fallback_leaves else None
     factors = Factors(calls, fb, grads, plans, fallback_leaves,
                       per_example_loss, treedef, batch, reduction)
     return losses, grads, factors
 
   return fn
+
+
+def _nest(flat: dict) -> dict:
+  """``{name path: leaf}`` -> the nested ``'params'`` dict."""
+  out: dict = {}
+  for path, leaf in flat.items():
+    _set_path(out, path, leaf)
+  return out
+
+
+def _conv_geometry(module: nn.Conv, in_shape: tuple):
+  """``(kernel_size, strides, kernel_dilation, pads)`` of an ``nn.Conv``
+  applied to ``f[B, *spatial, C_in]``, or ``None`` where the per-example
+  rule does not cover it (input dilation, circular/reflect/causal padding,
+  extra batch axes)."""
+  ks = tuple(module.kernel_size)
+  n = len(ks)
+  if len(in_shape) != n + 2:
+    return None
+  as_tuple = lambda v: (1,) * n if v is None else (
+      (v,) * n if isinstance(v, int) else tuple(v))
+  strides, dil = as_tuple(module.strides), as_tuple(module.kernel_dilation)
+  if any(d != 1 for d in as_tuple(module.input_dilation)):
+    return None
+  padding = nn.linear.canonicalize_padding(module.padding, n)
+  if padding in ("SAME", "VALID"):
+    window = tuple((k - 1) * d + 1 for k, d in zip(ks, dil))
+    pads = tuple(jax.lax.padtype_to_pads(in_shape[1:-1], window, strides,
+                                         padding))
+  elif isinstance(padding, str):
+    return None
+  else:
+    pads = tuple(tuple(p) for p in padding)
+  return ks, strides, dil, pads
+
+
+def _conv_per_example_grads(module: nn.Conv, args: tuple, kwargs: dict,
+                            cot: jax.Array) -> dict:
+  """Per-example gradients of an ``nn.Conv`` call, one kernel tap at a time.
+
+  With ``x`` padded as the convolution pads it and ``x_i[s + o]`` the input
+  seen by kernel tap ``o`` at output position ``s`` (strides and kernel
+  dilation applied), summing over output positions ``s``::
+
+    dl_i/dW[o, :, c] = sum_s x_i[s + o, :] * b_is[c]
+    dl_i/db[c]       = sum_s b_is[c]
+
+  One strided slice of the padded input and one batched product per tap
+  (im2col without forming all patches at once: on XLA's CPU backend a
+  one-hot "patch" convolution with one input channel costs more than the
+  whole weight gradient).
+
+  Args:
+    module: unbound ``nn.Conv``, ``feature_group_count == 1``, no mask,
+      geometry covered by :func:`_conv_geometry`.
+    args, kwargs: the call's inputs, leading axis ``B``.
+    cot: f[B, *spatial_out, C_out]: the output cotangent ``b``.
+
+  Returns:
+    ``{("kernel",): f32[B, *kernel_size, C_in, C_out], ("bias",): f32[B,
+    C_out]}`` (no bias entry when ``use_bias`` is false).
+  """
+  del kwargs
+  (x,) = args
+  # Tie the input to the cotangent: otherwise XLA slices the taps in the
+  # forward pass (they depend on x only) and keeps them to the end.
+  x, cot = jax.lax.optimization_barrier((x, cot))
+  ks, strides, dil, pads = _conv_geometry(module, x.shape)
+  xp = jnp.pad(x, ((0, 0),) + pads + ((0, 0),)).astype(jnp.float32)
+  b = cot.astype(jnp.float32)
+  out_sp = b.shape[1:-1]
+  taps = []
+  for offset in np.ndindex(*ks):
+    window = xp[(slice(None),) + tuple(
+        slice(o * d, o * d + (n - 1) * st + 1, st)
+        for o, d, n, st in zip(offset, dil, out_sp, strides))]
+    taps.append(jnp.einsum("b...i,b...c->bic", window, b,
+                           precision=jax.lax.Precision.HIGHEST))
+  batch, c_in, c_out = b.shape[0], x.shape[-1], b.shape[-1]
+  kernel = jnp.stack(taps, 1).reshape((batch,) + ks + (c_in, c_out))
+  out = {("kernel",): kernel}
+  if module.use_bias:
+    out[("bias",)] = b.sum(tuple(range(1, b.ndim - 1)))
+  return out
+
+
+def _per_example_call(plan: _CallPlan, theta: dict, delta: dict, arrays):
+  """The call ``f(x; theta)`` whose backward pass also returns, as the
+  cotangent of ``delta`` (leaves ``[B, *leaf]``), each example's gradient
+  of the call's parameters ``c * dl_i/dtheta``.
+
+  The per-example gradients are formed (:func:`_conv_per_example_grads`) as
+  soon as the output cotangent ``b`` exists, so ``b`` need not be kept, and
+  the batch gradient of ``theta`` is their sum, which replaces the
+  convolution's own weight-gradient computation (and its transposes of
+  ``b``).  The gradient with respect to the inputs is the call's own vjp.
+  """
+  paths = tuple(delta)
+  is_float = tuple(jnp.issubdtype(x.dtype, jnp.inexact) for x in arrays)
+
+  def apply(theta, arrays):
+    call_args, call_kwargs = _unflatten_call_args(plan, arrays)
+    return layers.apply_with_params(plan.module, plan.method, theta,
+                                    call_args, call_kwargs)
+
+  @jax.custom_vjp
+  def call(theta, delta, arrays):
+    del delta
+    return apply(theta, arrays)
+
+  def fwd(theta, delta, arrays):
+    del delta
+    return apply(theta, arrays), (theta, arrays)
+
+  def bwd(res, cot):
+    theta, arrays = res
+    call_args, call_kwargs = _unflatten_call_args(plan, arrays)
+    shares = _conv_per_example_grads(plan.module, call_args, call_kwargs, cot)
+    theta_ct: dict = {}
+    for path, leaf in _param_paths(theta):
+      _set_path(theta_ct, path, shares[path].sum(0).astype(leaf.dtype))
+    floats = [x for x, f in zip(arrays, is_float) if f]
+
+    def of_floats(*fl):
+      it = iter(fl)
+      return apply(theta, tuple(next(it) if f else x
+                                for x, f in zip(arrays, is_float)))
+
+    _, vjp_x = jax.vjp(of_floats, *floats)
+    it = iter(vjp_x(cot))
+    arrays_ct = tuple(next(it) if f else np.zeros(x.shape, jax.dtypes.float0)
+                      for x, f in zip(arrays, is_float))
+    delta_ct = {path: shares[path].astype(delta[path].dtype)
+                for path in paths}
+    return theta_ct, delta_ct, arrays_ct
+
+  call.defvjp(fwd, bwd)
+  return call(theta, delta, tuple(arrays))
 
 
 def contract(factors: Factors, directions: Any,
@@ -438,6 +645,14 @@ def contract(factors: Factors, directions: Any,
   for n, (plan, (arrays, cotangent)) in enumerate(zip(factors.plans,
                                                       factors.calls)):
     if n in skip_calls or (skip and all(i in skip for _, i in plan.param_map)):
+      continue
+    if plan.per_example:       # cotangent: the per-example gradients
+      shares = dict(_param_paths(cotangent))
+      for path, i in plan.param_map:
+        x, d = shares[path], d_leaves[i]
+        total = total + jnp.tensordot(
+            x.astype(jnp.float32), d.astype(jnp.float32),
+            axes=(tuple(range(1, x.ndim)), tuple(range(1, d.ndim))))
       continue
     call_args, call_kwargs = _unflatten_call_args(plan, arrays)
 

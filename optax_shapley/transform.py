@@ -292,7 +292,8 @@ def with_shapley(
     # shapes (the validation factors' shapes by jax.eval_shape), so the
     # validation pass keeps its factors only when some call uses them.
     val_capture = capture.value_grad_and_factors(
-        lambda p: val_loss(p).astype(jnp.float32), _data_closed_over=True)
+        lambda p: val_loss(p).astype(jnp.float32), per_example="never",
+        _data_closed_over=True)
     plans = {}
     if (contraction != "exact" and linear and weights is None
         and all(ests[k][0] in ("sgd", "fixed_state") or elementwise for k in linear)
@@ -432,7 +433,8 @@ def _ghost_plans(factors, val_calls, frozen, contraction, rank) -> dict:
   owners = collections.Counter(i for pl in factors.plans for _, i in pl.param_map)
   val_owners = collections.Counter(key[0] for key in val_calls)
   for idx, plan in enumerate(factors.plans):
-    if type(plan.module) is not nn.Dense or plan.method != "__call__":
+    if (type(plan.module) is not nn.Dense or plan.method != "__call__"
+        or plan.per_example):
       continue
     names = {path: i for path, i in plan.param_map}
     kernel = names.get(("kernel",))
