@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -281,6 +282,25 @@ def _batched_keys(per_example_loss, params, args, batch):
           and all(s[:1] == (batch + 1,) for s in r["in_shapes"])}
 
 
+def _warn_all_fallback(args, batch):
+  """Warns that no supported call was proved per-example (see
+  :func:`_batched_keys`): every leaf takes the exact forward-mode fallback,
+  one jvp per direction over the whole batch instead of a layer rule."""
+  if any(_is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch
+         for x in jax.tree.leaves(args)):
+    why = (f"the loss could not be traced with a batch of {batch + 1} "
+           "(does it fix the batch size?)")
+  else:
+    why = (f"no argument has the batch ({batch}) on its leading axis: the "
+           "loss closes over its data")
+  warnings.warn(
+      f"value_grad_and_factors: {why}, so no module call can be shown to be "
+      "per-example and every parameter takes the exact forward-mode "
+      "fallback (correct, but it costs a forward-mode pass of the loss per "
+      "direction). Pass the batch as arguments: "
+      "value_grad_and_factors(loss)(params, x, y).", stacklevel=3)
+
+
 def _check_dropout(records, batch, batched_keys):
   """Raises for a dropout mask drawn across the batch (see layers)."""
   for r in records:
@@ -412,6 +432,8 @@ def value_grad_and_factors(
                else _batched_keys(per_example_loss, params, args, batch))
     _check_dropout(records, batch, batched)
     records = [r for r in records if r.get("kind") != "dropout"]
+    if batched == set() and records:
+      _warn_all_fallback(args, batch)
     plans, fallback_leaves = _plan(
         records, batch, len(leaves), is_float, batched,
         leaf_sizes=([int(np.size(x)) for x in leaves]
