@@ -9,11 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_shapley as oxs
+import toy
 from optax_shapley import capture
 
 B = 6
@@ -56,11 +56,7 @@ def _setup(name):
   x = jax.random.normal(k1, (B,) + shape)
   y = jax.random.randint(k2, (B,), 0, 3)
   params = model.init(k3, x)["params"]
-
-  def pel(p, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(
-        model.apply({"params": p}, x), y)
-
+  pel, _ = toy.losses(model, x, y)
   return params, pel, x, y
 
 
