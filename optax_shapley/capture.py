@@ -321,8 +321,9 @@ def _prefers_per_example(r, batch, leaf_sizes) -> bool:
   (Bu et al. 2022, "Scalable and efficient training of large convolutional
   neural networks with differential privacy").
 
-  Only ``nn.Conv`` calls without feature groups, a kernel mask or input
-  dilation, padded ``"SAME"``, ``"VALID"`` or explicitly, qualify: their
+  Only ``nn.Conv`` calls without feature groups, a kernel mask, input
+  dilation or a custom ``conv_general_dilated`` / ``promote_dtype``, padded
+  ``"SAME"``, ``"VALID"`` or explicitly, qualify: their
   per-example kernel gradients come from strided slices of the input
   (:func:`_conv_per_example_grads`), whereas the generic per-example vjp
   becomes a batch-grouped convolution that XLA transposes through
@@ -330,6 +331,12 @@ def _prefers_per_example(r, batch, leaf_sizes) -> bool:
   m = r["module"]
   if (type(m) is not nn.Conv or r["method"] != "__call__"
       or m.feature_group_count != 1 or m.mask is not None
+      # A user-supplied convolution or dtype promotion computes something
+      # the tap rule does not know.
+      or getattr(m, "conv_general_dilated", None) is not None
+      or getattr(m, "conv_general_dilated_cls", None) is not None
+      or getattr(m, "promote_dtype", nn.dtypes.promote_dtype)
+      is not nn.dtypes.promote_dtype
       or len(r["in_shapes"]) != 1
       or _conv_geometry(m, r["in_shapes"][0]) is None):
     return False
@@ -517,7 +524,8 @@ def _conv_geometry(module: nn.Conv, in_shape: tuple):
   applied to ``f[B, *spatial, C_in]``, or ``None`` where the per-example
   rule does not cover it (input dilation, circular/reflect/causal padding,
   extra batch axes)."""
-  ks = tuple(module.kernel_size)
+  k = module.kernel_size
+  ks = (k,) if isinstance(k, int) else tuple(k)
   n = len(ks)
   if len(in_shape) != n + 2:
     return None
@@ -538,7 +546,7 @@ def _conv_geometry(module: nn.Conv, in_shape: tuple):
   return ks, strides, dil, pads
 
 
-def _conv_per_example_grads(module: nn.Conv, args: tuple, kwargs: dict,
+def _conv_per_example_grads(module: nn.Conv, x: jax.Array,
                             cot: jax.Array) -> dict:
   """Per-example gradients of an ``nn.Conv`` call, one kernel tap at a time.
 
@@ -552,26 +560,33 @@ def _conv_per_example_grads(module: nn.Conv, args: tuple, kwargs: dict,
   One strided slice of the padded input and one batched product per tap
   (im2col without forming all patches at once: on XLA's CPU backend a
   one-hot "patch" convolution with one input channel costs more than the
-  whole weight gradient).
+  whole weight gradient).  Computed in at least float32 at the highest
+  matmul precision, whatever the module's ``dtype`` and ``precision``: with
+  a bf16 module the batch gradient of this layer is then closer to a
+  float32 computation than ``jax.grad``'s (measured 1.5e-3 against 2.6e-3
+  of the largest entry).
 
   Args:
     module: unbound ``nn.Conv``, ``feature_group_count == 1``, no mask,
       geometry covered by :func:`_conv_geometry`.
-    args, kwargs: the call's inputs, leading axis ``B``.
+    x: f[B, *spatial, C_in], the call's input.
     cot: f[B, *spatial_out, C_out]: the output cotangent ``b``.
 
   Returns:
-    ``{("kernel",): f32[B, *kernel_size, C_in, C_out], ("bias",): f32[B,
-    C_out]}`` (no bias entry when ``use_bias`` is false).
+    ``{("kernel",): [B, *kernel_size, C_in, C_out], ("bias",): [B, C_out]}``
+    in float32 (float64 for float64 inputs); no bias entry when ``use_bias``
+    is false.
   """
-  del kwargs
-  (x,) = args
   # Tie the input to the cotangent: otherwise XLA slices the taps in the
   # forward pass (they depend on x only) and keeps them to the end.
   x, cot = jax.lax.optimization_barrier((x, cot))
   ks, strides, dil, pads = _conv_geometry(module, x.shape)
-  xp = jnp.pad(x, ((0, 0),) + pads + ((0, 0),)).astype(jnp.float32)
-  b = cot.astype(jnp.float32)
+  dtype = jnp.result_type(x.dtype, cot.dtype, jnp.float32)
+  # lax.pad: explicit pads may be negative (cropping), as in lax.conv.
+  xp = jax.lax.pad(x.astype(dtype), jnp.zeros((), dtype),
+                   ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in pads)
+                   + ((0, 0, 0),))
+  b = cot.astype(dtype)
   out_sp = b.shape[1:-1]
   taps = []
   for offset in np.ndindex(*ks):
@@ -618,8 +633,8 @@ def _per_example_call(plan: _CallPlan, theta: dict, delta: dict, arrays):
 
   def bwd(res, cot):
     theta, arrays = res
-    call_args, call_kwargs = _unflatten_call_args(plan, arrays)
-    shares = _conv_per_example_grads(plan.module, call_args, call_kwargs, cot)
+    (x,) = arrays          # planned only for calls with one array input
+    shares = _conv_per_example_grads(plan.module, x, cot)
     theta_ct: dict = {}
     for path, leaf in _param_paths(theta):
       _set_path(theta_ct, path, shares[path].sum(0).astype(leaf.dtype))

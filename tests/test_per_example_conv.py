@@ -1,6 +1,6 @@
 """The per-example rule for convolutions with few input channels: their
-per-example kernel gradients (from im2col patches) replace the kept output
-cotangent.  Checked against per-example gradients from vmap(grad), the batch
+per-example kernel gradients (one strided input slice per kernel tap)
+replace the kept output cotangent.  Checked against per-example gradients from vmap(grad), the batch
 gradient from jax.grad, and under shard_map against one device."""
 
 from functools import partial
@@ -33,6 +33,18 @@ CONVS = {
                               padding=((1, 0), (2, 1))), (6, 6, 2), True),
     "conv1d_int_padding": (dict(features=6, kernel_size=(5,), padding=2),
                            (16, 1), True),
+    "int_kernel_size": (dict(features=3, kernel_size=3), (16, 1), True),
+    "negative_padding_crops": (dict(features=3, kernel_size=(3, 3),
+                                    padding=((-1, 2), (1, 1))), (8, 8, 1),
+                               True),
+    "conv3d_stride2": (dict(features=2, kernel_size=(2, 2, 2), strides=2),
+                       (4, 4, 4, 1), True),
+    "keyword_input": (dict(features=4, kernel_size=(3, 3)), (6, 6, 1), True),
+    # A user-supplied convolution: the rule cannot know what it computes.
+    "custom_conv_keeps_factors": (
+        dict(features=4, kernel_size=(3, 3),
+             conv_general_dilated=lambda *a, **k: 2.0 * jax.lax.conv_general_dilated(*a, **k)),
+        (6, 6, 1), False),
     "circular_keeps_factors": (dict(features=4, kernel_size=(3, 3),
                                     padding="CIRCULAR"), (6, 6, 1), False),
     "causal_keeps_factors": (dict(features=6, kernel_size=(5,),
@@ -42,16 +54,32 @@ CONVS = {
 
 class Net(nn.Module):
   conv: dict
+  keyword: bool = False
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(nn.Conv(**self.conv)(x))
+    conv = nn.Conv(**self.conv)
+    h = nn.relu(conv(inputs=x) if self.keyword else conv(x))
+    return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+class TwoConvs(nn.Module):
+  """Both convolutions take the rule; the second one's input cotangent
+  comes from the rule's own backward pass."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Conv(2, (3, 3))(x))
+    h = jnp.tanh(nn.Conv(3, (3, 3), strides=2)(h))
     return nn.Dense(3)(h.reshape(h.shape[0], -1))
 
 
 def _setup(name):
-  conv, shape, _ = CONVS[name]
-  model = Net(conv)
+  if name == "two_convs":
+    model, shape = TwoConvs(), (8, 8, 1)
+  else:
+    conv, shape, _ = CONVS[name]
+    model = Net(conv, keyword=name == "keyword_input")
   k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(k1, (B,) + shape)
   y = jax.random.randint(k2, (B,), 0, 3)
@@ -65,12 +93,13 @@ def _vmap_grads(pel, params, x, y):
       lambda p: pel(p, xi[None], yi[None])[0])(params))(x, y)
 
 
-@pytest.mark.parametrize("name", sorted(CONVS))
+@pytest.mark.parametrize("name", sorted(CONVS) + ["two_convs"])
 def test_per_example_rule_matches_vmap_grad(name):
   params, pel, x, y = _setup(name)
   _, grads, factors = jax.jit(oxs.value_grad_and_factors(pel))(params, x, y)
-  kinds = {type(p.module).__name__: p.per_example for p in factors.plans}
-  assert kinds == {"Conv": CONVS[name][2], "Dense": False}, kinds
+  taken = [p.per_example for p in factors.plans]
+  expect = ([True, True] if name == "two_convs" else [CONVS[name][2]]) + [False]
+  assert taken == expect, taken
   ref_grads = jax.grad(lambda p: jnp.mean(pel(p, x, y)))(params)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
