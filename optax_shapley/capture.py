@@ -615,7 +615,6 @@ def _per_example_call(plan: _CallPlan, theta: dict, delta: dict, arrays):
   ``b``).  The gradient with respect to the inputs is the call's own vjp.
   """
   paths = tuple(delta)
-  is_float = tuple(jnp.issubdtype(x.dtype, jnp.inexact) for x in arrays)
 
   def apply(theta, arrays):
     call_args, call_kwargs = _unflatten_call_args(plan, arrays)
@@ -632,26 +631,18 @@ def _per_example_call(plan: _CallPlan, theta: dict, delta: dict, arrays):
     return apply(theta, arrays), (theta, arrays)
 
   def bwd(res, cot):
-    theta, arrays = res
-    (x,) = arrays          # planned only for calls with one array input
+    theta, (x,) = res      # planned only for calls with one array input
     shares = _conv_per_example_grads(plan.module, x, cot)
     theta_ct: dict = {}
     for path, leaf in _param_paths(theta):
       _set_path(theta_ct, path, shares[path].sum(0).astype(leaf.dtype))
-    floats = [x for x, f in zip(arrays, is_float) if f]
-
-    def of_floats(*fl):
-      it = iter(fl)
-      return apply(theta, tuple(next(it) if f else x
-                                for x, f in zip(arrays, is_float)))
-
-    _, vjp_x = jax.vjp(of_floats, *floats)
-    it = iter(vjp_x(cot))
-    arrays_ct = tuple(next(it) if f else np.zeros(x.shape, jax.dtypes.float0)
-                      for x, f in zip(arrays, is_float))
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      (x_ct,) = jax.vjp(lambda x: apply(theta, (x,)), x)[1](cot)
+    else:                  # integer images: no cotangent
+      x_ct = np.zeros(x.shape, jax.dtypes.float0)
     delta_ct = {path: shares[path].astype(delta[path].dtype)
                 for path in paths}
-    return theta_ct, delta_ct, arrays_ct
+    return theta_ct, delta_ct, (x_ct,)
 
   call.defvjp(fwd, bwd)
   return call(theta, delta, tuple(arrays))
