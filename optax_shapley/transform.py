@@ -305,15 +305,19 @@ def with_shapley(
       shape_calls = {pl.key: c for pl, c in zip(vf_shape.plans, vf_shape.calls)}
       plans = _ghost_plans(factors, shape_calls, frozen, contraction, ghost_rank)
     val_grads, val_calls = {}, {}
+    val_finite = jnp.array(True)
     for e in dict.fromkeys(e for _, e in ests):
       w_bar = metrics.evaluation_point(e, params, u_g, u_0)
       if plans:        # the validation pass also keeps its Dense factors
-        _, val_grads[e], vf = val_capture(w_bar)
+        val_losses, val_grads[e], vf = val_capture(w_bar)
         val_calls[e] = {pl.key: c for pl, c in zip(vf.plans, vf.calls)}
       elif weights is not None:
-        val_grads[e] = _target_grads(val_loss, w_bar, weights)
+        val_losses, val_grads[e] = _target_grads(val_loss, w_bar, weights)
       else:
-        val_grads[e] = jax.grad(val_mean)(w_bar)
+        val_losses, val_grads[e] = jax.value_and_grad(val_mean)(w_bar)
+      # The metrics zero a direction's non-finite entries (a secant's 0/0);
+      # a NaN/inf validation loss or gradient must not pass as a clean step.
+      val_finite = val_finite & _all_finite((val_losses, val_grads[e]))
 
     dirs, scales = [], []
     for k in linear:
@@ -402,7 +406,8 @@ def with_shapley(
       local, ids = _replicated(local), _replicated(ids)
     step_vals = local if multi else local[:, 0]
 
-    error = _validate(ids, step_vals, num_examples) | mismatch
+    error = (_validate(ids, step_vals, num_examples) | mismatch
+             | (~val_finite).astype(jnp.int32) * ERROR_NON_FINITE)
     ok = error == 0
     credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
     if table == "none":
@@ -699,10 +704,18 @@ def _target_weights(val_weights, num_targets, val_loss, params):
 
 
 def _target_grads(val_loss, w_bar, weights):
-  """``grad L_k(w_bar)`` for every row ``k`` of ``weights`` f32[K, V]: leaves
-  ``[K, ...]``, from one forward pass and a vectorised ``jax.vjp``."""
-  _, vjp = jax.vjp(lambda p: val_loss(p).astype(jnp.float32), w_bar)
-  return jax.vmap(lambda w: vjp(w)[0])(weights)
+  """``(losses f32[V], grads)``: the validation losses and ``grad L_k(w_bar)``
+  for every row ``k`` of ``weights`` f32[K, V] (leaves ``[K, ...]``), from one
+  forward pass and a vectorised ``jax.vjp``."""
+  losses, vjp = jax.vjp(lambda p: val_loss(p).astype(jnp.float32), w_bar)
+  return losses, jax.vmap(lambda w: vjp(w)[0])(weights)
+
+
+def _all_finite(tree) -> jax.Array:
+  """bool[]: every entry of every inexact leaf of ``tree`` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+                           or [jnp.array(True)]))
 
 
 def _validation_objective(val_loss, params) -> Callable:

@@ -2,6 +2,8 @@
 four metrics against independent references (vmap(grad), jax.jvp, the Adam
 closed form)."""
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -240,6 +242,43 @@ def test_nan_loss_skips_the_step():
   x, y, ids = batch(BATCH_IDS[1])
   x = x.at[2, 1].set(jnp.nan)
   _, bad = make_step(tx)(PARAMS, state, x, y, ids)
+  np.testing.assert_array_equal(oxs.values(bad), before)
+  assert int(bad.skipped) == 1
+  with pytest.raises(ValueError, match="NaN"):
+    oxs.check(bad)
+
+
+_, _NAN_IMAGE_VAL_LOSS = toy.losses(MODEL, XV.at[1, 0].set(jnp.nan), YV)
+
+
+@pytest.mark.parametrize("bad_val_loss", [
+    lambda p: val_loss(p) * jnp.nan,
+    lambda p: val_loss(p) + jnp.inf,         # its gradient is still finite
+    _NAN_IMAGE_VAL_LOSS,                      # one validation example
+], ids=["nan", "inf_offset", "nan_input"])
+@pytest.mark.parametrize("contraction", ["exact", "ghost"])
+@pytest.mark.parametrize("targets", [False, True])
+def test_non_finite_validation_loss_skips_the_step(bad_val_loss, contraction,
+                                                   targets):
+  """The metrics zero a direction's non-finite entries (a secant's 0/0), so
+  a NaN/inf validation loss must be caught before it looks like a clean
+  step with values of zero."""
+  tx = oxs.adam(LR, num_examples=N, batch_size=B, contraction=contraction,
+                num_targets=2 if targets else None)
+  extra = dict(val_weights=jnp.eye(2, V)) if targets else {}
+
+  @partial(jax.jit, static_argnums=5)
+  def step(params, state, x, y, ids, vl):
+    _, g, f = oxs.value_grad_and_factors(per_example_loss)(params, x, y)
+    return tx.update(g, state, params, factors=f, example_ids=ids,
+                     val_loss=vl, **extra)[1]
+
+  state = tx.init(PARAMS)
+  state = step(PARAMS, state, *batch(BATCH_IDS[0]), val_loss)
+  oxs.check(state)
+  before = np.asarray(oxs.values(state)).copy()
+  assert np.abs(before).max() > 0
+  bad = step(PARAMS, state, *batch(BATCH_IDS[1]), bad_val_loss)
   np.testing.assert_array_equal(oxs.values(bad), before)
   assert int(bad.skipped) == 1
   with pytest.raises(ValueError, match="NaN"):
