@@ -263,8 +263,9 @@ def _batched_keys(per_example_loss, params, args, batch):
   when its length happens to equal ``B`` (positions ``arange(T)`` with
   ``T == B``).  So the loss is traced again, abstractly, with every batched
   argument one example longer; a per-example call's leading axes follow.
-  Returns the empty set (every leaf then goes to the exact fallback) when
-  no argument is batched or the loss cannot be traced at another size.
+  Returns ``(keys, why)``: ``keys`` is empty (every leaf then goes to the
+  exact fallback) when no argument is batched or the loss cannot be traced
+  at another size; ``why`` says, for a warning, why no key would be found.
   """
   def grow(x):
     if _is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch:
@@ -272,33 +273,22 @@ def _batched_keys(per_example_loss, params, args, batch):
     return x
   if not any(_is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch
              for x in jax.tree.leaves(args)):
-    return set()      # data closed over: nothing proves a call per-example
+    # Data closed over: nothing proves a call per-example.
+    return set(), (f"no argument has the batch ({batch}) on its leading "
+                   "axis: the loss closes over its data. Pass the batch as "
+                   "arguments: value_grad_and_factors(loss)(params, x, y)")
   try:
     _, records = _discover(per_example_loss, params, jax.tree.map(grow, args))
   except Exception:  # pylint: disable=broad-except
-    return set()      # cannot tell: no call is probed, all leaves fall back
-  return {r["key"] for r in records
+    # Cannot tell: no call is probed, all leaves fall back.
+    return set(), (f"the loss could not be traced with a batch of "
+                   f"{batch + 1} (does it fix the batch size?)")
+  keys = {r["key"] for r in records
           if (r["out"] is None or r["out"].shape[:1] == (batch + 1,))
           and all(s[:1] == (batch + 1,) for s in r["in_shapes"])}
-
-
-def _warn_all_fallback(args, batch):
-  """Warns that no supported call was proved per-example (see
-  :func:`_batched_keys`): every leaf takes the exact forward-mode fallback,
-  one jvp per direction over the whole batch instead of a layer rule."""
-  if any(_is_array(x) and getattr(x, "ndim", 0) and x.shape[0] == batch
-         for x in jax.tree.leaves(args)):
-    why = (f"the loss could not be traced with a batch of {batch + 1} "
-           "(does it fix the batch size?)")
-  else:
-    why = (f"no argument has the batch ({batch}) on its leading axis: the "
-           "loss closes over its data")
-  warnings.warn(
-      f"value_grad_and_factors: {why}, so no module call can be shown to be "
-      "per-example and every parameter takes the exact forward-mode "
-      "fallback (correct, but it costs a forward-mode pass of the loss per "
-      "direction). Pass the batch as arguments: "
-      "value_grad_and_factors(loss)(params, x, y).", stacklevel=3)
+  return keys, ("no module call's input and output carry the batch on "
+                "their leading axis (module calls inside a jax.vmap over "
+                "examples, nn.scan or nn.remat are not probed)")
 
 
 def _check_dropout(records, batch, batched_keys):
@@ -435,12 +425,16 @@ def value_grad_and_factors(
     is_float = [jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in leaves]
     # The validation pass of the ghost rule closes over its data and only
     # needs each call's summed factors, so there the shape test suffices.
-    batched = (None if _data_closed_over
-               else _batched_keys(per_example_loss, params, args, batch))
+    batched, why = ((None, None) if _data_closed_over
+                    else _batched_keys(per_example_loss, params, args, batch))
     _check_dropout(records, batch, batched)
     records = [r for r in records if r.get("kind") != "dropout"]
     if batched == set() and records:
-      _warn_all_fallback(args, batch)
+      warnings.warn(
+          f"value_grad_and_factors: {why}, so no module call is known to be "
+          "per-example and every parameter takes the exact forward-mode "
+          "fallback (correct, but it costs a forward-mode pass of the loss "
+          "per direction).", stacklevel=2)
     plans, fallback_leaves = _plan(
         records, batch, len(leaves), is_float, batched,
         leaf_sizes=([int(np.size(x)) for x in leaves]

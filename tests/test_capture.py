@@ -268,6 +268,23 @@ def test_module_inside_an_inner_transform_falls_back(inner):
   assert np.abs(got - ref).max() / np.abs(ref).max() <= 1e-5
 
 
+def test_loss_vmapped_over_examples_warns_with_the_reason():
+  """The per-example-dropout pattern: the whole model runs inside a
+  jax.vmap over examples, so no call is probed; the warning must say so
+  (not blame the batch arguments) and the values stay exact."""
+  params, pel, x, y = _setup("dense_flat")
+  one = lambda p, xi, yi: pel(p, xi[None], yi[None])[0]
+  vmapped = lambda p, x, y: jax.vmap(one, in_axes=(None, 0, 0))(p, x, y)
+  with pytest.warns(UserWarning, match="inside a jax.vmap") as record:
+    _, _, f = oxs.value_grad_and_factors(vmapped)(params, x, y)
+  assert "closes over" not in str(record[0].message)
+  assert not f.plans
+  d = _directions(params)
+  ref = _reference_dots(pel, params, d, x, y, 1.0 / B)
+  np.testing.assert_allclose(np.asarray(oxs.contract(f, d)), ref, rtol=1e-4,
+                             atol=1e-5 * np.abs(ref).max())
+
+
 def test_loss_closing_over_its_data_falls_back_exactly():
   """With the data closed over, nothing proves a call per-example (here a
   position table eye(T) with T == B would pass a shape test): every leaf
