@@ -1,7 +1,7 @@
 """optax_shapley: in-run data Shapley values for JAX/Flax training with Adam.
 
 Which training examples helped or hurt the validation loss, measured while the
-model trains (DESIGN.md; Ding, Zhang, Wang, Hu 2026, "In-Run Data Shapley for
+model trains (docs/index.md; Ding, Zhang, Wang, Hu 2026, "In-Run Data Shapley for
 Adam Optimizer"; Wang et al. 2024, "Data Shapley in One Training Run").
 Sign convention: a positive value means the example lowered the validation
 loss (helpful).

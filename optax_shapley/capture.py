@@ -3,7 +3,7 @@
 ``value_grad_and_factors(per_example_loss)(params, *args)`` runs one forward
 and one backward pass of ``per_example_loss`` with Flax interceptors
 (``flax.linen.intercept_methods``) installed inside the traced function
-(DESIGN.md section 4).  For every call of a supported module (see
+(docs/index.md, "Capture and contraction").  For every call of a supported module (see
 :mod:`optax_shapley.layers`) it keeps the call's inputs and adds a zero
 *probe* to the call's output; the probe's cotangent from ``jax.vjp`` is the
 output gradient ``b_i`` of every example.  Inputs leave the trace as auxiliary

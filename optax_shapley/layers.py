@@ -2,7 +2,7 @@
 
 For a module whose output is *linear in its parameters* (``y = f(x; theta)``
 with ``f(x; a + b) = f(x; a) + f(x; b)``), the per-example gradient of example
-``i`` contracted with a direction ``d`` is (DESIGN.md section 3)::
+``i`` contracted with a direction ``d`` is (docs/index.md, "Capture and contraction")::
 
     x_i . d_theta = sum_s  <f(x_is; d_theta), b_is>
 

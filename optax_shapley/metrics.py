@@ -1,4 +1,4 @@
-"""Metrics ``D_t`` and evaluation points ``wbar_t`` (DESIGN.md section 2).
+"""Metrics ``D_t`` and evaluation points ``wbar_t`` (docs/index.md, "Estimators").
 
 Every estimator credits example ``i`` at step ``t`` with::
 

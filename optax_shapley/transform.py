@@ -2,7 +2,7 @@
 
 ``with_shapley(inner, num_examples=N)`` wraps an optax transformation.  Its
 updates are exactly the inner optimizer's; alongside, every step credits each
-example ``i`` of the batch with (DESIGN.md sections 1-2)::
+example ``i`` of the batch with (docs/index.md, "What is computed" and "Estimators")::
 
     phi_{t,i} ~= x_i . d_t,    d_t = -D_t^T grad L(wbar_t),    x_i = c grad l_i(w_t)
 
@@ -618,7 +618,7 @@ def _upstream_scale(grads, factors, axis_name, divisor):
 def _scatter_add(values, ids, credit):
   """``values.at[ids].add(credit)``; under an explicit-sharding mesh the
   output keeps the table's own sharding (the compiler cannot infer it from
-  batch-sharded ids, DESIGN.md section 5)."""
+  batch-sharded ids; docs/index.md, "Data parallel")."""
   sharding = _explicit_sharding(values)
   if sharding is not None:
     return values.at[ids].add(credit, mode="drop", out_sharding=sharding)
