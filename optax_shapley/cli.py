@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="find flipped labels in scikit-learn digits by their value",
       description="Train a small MLP with Adam on scikit-learn digits with "
                   "a share of training labels flipped, value every training "
-                  "example (default estimator and the sgd baseline), and "
+                  "example (default estimator, the sgd baseline and the "
+                  "coalition-sampling estimator), and "
                   "report how well low value detects the flipped labels.")
   demo.add_argument("--out", default="runs/demo",
                     help="output folder (default: %(default)s)")
@@ -81,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
   fid.add_argument("--lr", type=float, default=1e-3,
                    help="Adam learning rate (default: %(default)s)")
-  fid.add_argument("--b1", type=float, default=0.9)
-  fid.add_argument("--b2", type=float, default=0.999)
+  fid.add_argument("--b1", type=float, default=0.9,
+                   help="Adam's first-moment decay (default: %(default)s)")
+  fid.add_argument("--b2", type=float, default=0.999,
+                   help="Adam's second-moment decay (default: %(default)s)")
   fid.add_argument("--weight-decay", type=float, default=None,
                    help="use AdamW with this weight decay")
   fid.add_argument("--clip", type=float, default=None,
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
   fid.add_argument("--val-size", type=_positive, default=None,
                    help="validation examples (default: 100 images, 32 "
                         "sequences)")
-  fid.add_argument("--seed", type=int, default=0)
+  fid.add_argument("--seed", type=int, default=0,
+                   help="seed of data, init and batches (default: %(default)s)")
   fid.add_argument("--accumulate-examples", type=_positive, default=100,
                    help="training examples of the whole run whose "
                         "accumulated values are checked against exact "
@@ -126,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--modes", default="plain,exact,auto,ghost,naive",
                      help="comma-separated subset of "
                           "plain,exact,auto,ghost,naive (default: %(default)s)")
-  bench.add_argument("--batch-size", type=_positive, default=256)
-  bench.add_argument("--text-batch-size", type=_positive, default=64)
-  bench.add_argument("--seq-len", type=_positive, default=128)
+  bench.add_argument("--batch-size", type=_positive, default=256,
+                     help="B of the MLP and CNN (default: %(default)s)")
+  bench.add_argument("--text-batch-size", type=_positive, default=64,
+                     help="B of the transformer (default: %(default)s)")
+  bench.add_argument("--seq-len", type=_positive, default=128,
+                     help="T of the transformer (default: %(default)s)")
   bench.add_argument("--rounds", type=_positive, default=20,
                      help="timed rounds per mode, interleaved in random "
                           "order (default: %(default)s)")
@@ -150,18 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
        "prune.png.")):
     cmd = sub.add_parser(name, help=helptext, description=desc)
     cmd.add_argument("--dataset", default="digits",
-                     choices=("digits", "breast_cancer", "wine"))
+                     choices=("digits", "breast_cancer", "wine"),
+                     help="scikit-learn dataset (default: %(default)s)")
     cmd.add_argument("--corruption", default="flip", choices=("flip", "noise"),
                      help="flip labels, or replace inputs by Gaussian noise "
                           "(default: %(default)s)")
     cmd.add_argument("--fraction", type=_fraction, default=0.2,
                      help="share of training examples corrupted "
                           "(default: %(default)s)")
-    cmd.add_argument("--epochs", type=_positive, default=60)
+    cmd.add_argument("--epochs", type=_positive, default=60,
+                     help="training epochs (default: %(default)s)")
     cmd.add_argument("--hidden", type=_positive, default=128,
                      help="hidden width of the MLP (default: %(default)s)")
-    cmd.add_argument("--batch-size", type=_positive, default=32)
-    cmd.add_argument("--lr", type=float, default=3e-3)
+    cmd.add_argument("--batch-size", type=_positive, default=32,
+                     help="examples per step (default: %(default)s)")
+    cmd.add_argument("--lr", type=float, default=3e-3,
+                     help="Adam's learning rate (default: %(default)s)")
     cmd.add_argument("--first-step", choices=("coalitions", "default"),
                      default="coalitions",
                      help="credit Adam's sign-descent first step by the "
@@ -169,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("--out", default=f"runs/{name}",
                      help="output folder (default: %(default)s)")
     if name == "detect":
-      cmd.add_argument("--seed", type=int, default=0)
+      cmd.add_argument("--seed", type=int, default=0,
+                       help="seed of corruption, init and batches "
+                            "(default: %(default)s)")
     else:
       cmd.add_argument("--seeds", default="0,1,2,3,4",
                        help="comma-separated seeds (default: %(default)s)")

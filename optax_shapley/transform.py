@@ -266,6 +266,10 @@ def with_shapley(
                        "optax_shapley.value_grad_and_factors on the same batch")
     if example_ids is None or val_loss is None:
       raise ValueError("tx.update needs example_ids=... and val_loss=...")
+    if not callable(val_loss):
+      raise TypeError(
+          "val_loss must be a function params -> f32[V] of per-example "
+          f"validation losses, got {type(val_loss).__name__}")
     grads = updates
     example_ids = jnp.asarray(example_ids)
     if example_ids.shape != (factors.batch_size,):

@@ -301,6 +301,16 @@ def test_val_loss_must_have_shape_V(bad_val_loss):
   np.testing.assert_array_equal(oxs.values(state), before)
 
 
+def test_val_loss_must_be_a_function():
+  tx = oxs.adam(LR, num_examples=N)
+  state, before = _one_good_step(tx)
+  g, f = _eager_inputs(BATCH_IDS[1])
+  with pytest.raises(TypeError, match="val_loss must be a function"):
+    tx.update(g, state, PARAMS, factors=f, example_ids=BATCH_IDS[1],
+              val_loss=val_loss(PARAMS))
+  np.testing.assert_array_equal(oxs.values(state), before)
+
+
 def test_example_ids_of_wrong_length():
   tx = oxs.adam(LR, num_examples=N)
   state, before = _one_good_step(tx)
