@@ -31,7 +31,8 @@ from functools import partial
 
 
 def parse(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+      description=" ".join(__doc__.split("\n\n")[0].split()))
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--batch-size", type=int, default=8, help="global batch")
   p.add_argument("--seq-len", type=int, default=16)
@@ -184,7 +185,8 @@ def main(argv=None):
     values = values.addressable_shards[0].data
   values = np.asarray(values)
   if first:
-    print(f"final train loss {float(loss):.3f}; {int((values != 0).sum())} "
+    print(f"train loss at step {t + 1} {float(loss):.3f}; "
+          f"{int((values != 0).sum())} "
           f"sequences credited, values in [{values.min():+.2e}, "
           f"{values.max():+.2e}]", flush=True)
     if args.values_out:

@@ -55,7 +55,9 @@ class Progress:
     self.enabled = enabled
     self.steps = 0
     self._sum, self._count = 0.0, 0
-    self._start = time.perf_counter()
+    # The rate is timed from the first update on: the first call of a
+    # jitted step includes its compilation, and a resumed run may set steps.
+    self._start, self._start_steps = None, 0
     self._last_refresh = 0.0
     if interactive is None:
       interactive = sys.stderr.isatty()
@@ -73,6 +75,8 @@ class Progress:
     due_log = self._bar is None and (self.steps % self.log_every == 0
                                      or self.steps == self.total)
     now = time.perf_counter()
+    if self._start is None:
+      self._start, self._start_steps = now, self.steps
     due_bar = self._bar is not None and now - self._last_refresh > 0.5
     if state is not None and (due_log or due_bar):
       vals = np.asarray(transform.step_values(state), np.float64)
@@ -89,13 +93,15 @@ class Progress:
                   f"/{self.total}" if self.total else "", self._postfix(now))
 
   def _postfix(self, now: float) -> str:
-    rate = self.steps / max(now - self._start, 1e-9)
-    parts = [f"{rate:.1f} steps/s"]
-    if self.batch_size:
-      parts.append(f"{rate * self.batch_size:.0f} examples/s")
+    parts = []
+    if self.steps > self._start_steps:
+      rate = (self.steps - self._start_steps) / max(now - self._start, 1e-9)
+      parts.append(f"{rate:.1f} steps/s")
+      if self.batch_size:
+        parts.append(f"{rate * self.batch_size:.0f} examples/s")
     if self._count:
       parts.append(f"mean value {self._sum / self._count:+.3e}")
-    return ", ".join(parts)
+    return ", ".join(parts) or "first step"
 
   def close(self) -> None:
     if self._bar is not None:

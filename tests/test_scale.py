@@ -254,3 +254,16 @@ def test_progress_logs_throughput_and_running_mean(caplog, reference):
   silent = oxs.Progress(total=4, interactive=False, enabled=False)
   silent.update(state)
   assert silent.steps == 0
+
+
+def test_progress_rate_excludes_the_first_step(caplog, monkeypatch):
+  """The first call of a jitted step compiles; the rate starts after it."""
+  from optax_shapley import progress
+  clock = iter([100.0, 101.0, 102.0])   # 3 updates; the first one compiled
+  monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+  with caplog.at_level("INFO", logger="optax_shapley"):
+    bar = oxs.Progress(total=3, batch_size=4, log_every=3, interactive=False)
+    for _ in range(3):
+      bar.update()
+  (line,) = [r.getMessage() for r in caplog.records]
+  assert "1.0 steps/s" in line and "4 examples/s" in line, line

@@ -150,8 +150,10 @@ def run_prune(cfg: Config = Config(), out_dir: str | None = "runs/prune",
     out = {}
     for key in rows[0]:
       xs = np.array([r[key] for r in rows], np.float64)
-      out[key] = dict(mean=float(xs.mean()), std=float(xs.std(ddof=1))
-                      if len(xs) > 1 else 0.0, per_seed=xs.tolist())
+      # One seed measures no spread: NaN (printed "nan"), not a zero.
+      out[key] = dict(mean=float(xs.mean()),
+                      std=float(xs.std(ddof=1)) if len(xs) > 1 else float("nan"),
+                      per_seed=xs.tolist())
     return out
 
   results = []
