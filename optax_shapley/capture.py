@@ -375,6 +375,7 @@ def value_grad_and_factors(
     *,
     reduction: str = "mean",
     per_example: str = "auto",
+    factor_dtype: Any = None,
     _data_closed_over: bool = False,
 ) -> Callable[..., tuple[jax.Array, Any, Factors]]:
   """Per-example losses, the batch gradient and ghost factors in one pass.
@@ -403,6 +404,14 @@ def value_grad_and_factors(
   cotangent is then not kept (``Factors.calls``) and the convolution's batch
   gradient is their sum.  ``"never"``: every call keeps factors.
 
+  ``factor_dtype``: store the kept factors (inputs and output cotangents of
+  floating dtype; not per-example gradients) in this dtype, e.g.
+  ``jnp.bfloat16``: half the memory they hold until the contraction, for a
+  relative rounding error of ``2**-9`` per entry (the contraction still
+  accumulates in float32; measured effect on the values in
+  ``docs/bench.md``).  ``None`` (default) keeps the computation dtype.  The
+  batch gradient and the losses are not affected.
+
   Raises:
     ValueError: ``reduction`` or ``per_example`` unknown, or the loss is not
       of shape ``[B]``.
@@ -413,6 +422,8 @@ def value_grad_and_factors(
     raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
   if per_example not in ("auto", "never"):
     raise ValueError(f"per_example must be 'auto' or 'never', got {per_example!r}")
+  if factor_dtype is not None and not jnp.issubdtype(factor_dtype, jnp.floating):
+    raise ValueError(f"factor_dtype must be a floating dtype, got {factor_dtype!r}")
 
   def fn(params, *args):
     leaves, treedef = jax.tree.flatten(params)
@@ -497,12 +508,28 @@ def value_grad_and_factors(
     grads, probe_cts = vjp_fn(cot)
     calls = tuple((inputs[p.key], _nest(probe_cts[p.key]) if p.per_example
                    else probe_cts[p.key]) for p in plans)
+    if factor_dtype is not None:
+      calls = _store_factors(calls, plans, factor_dtype)
     fb = (params, args) if fallback_leaves else None
     factors = Factors(calls, fb, grads, plans, fallback_leaves,
                       per_example_loss, treedef, batch, reduction)
     return losses, grads, factors
 
   return fn
+
+
+def _store_factors(calls, plans, dtype):
+  """The factors of ``calls`` cast to ``dtype`` (floating arrays only; the
+  per-example gradients of ``per_example`` calls are kept as they are).
+
+  The optimization barrier makes the cast copies real buffers: otherwise
+  XLA fuses each cast into its consumer, the contraction, and keeps the
+  original until then, which saves nothing."""
+  cast = lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                    else x)
+  out = tuple(c if p.per_example else (tuple(cast(a) for a in c[0]), cast(c[1]))
+              for p, c in zip(plans, calls))
+  return jax.lax.optimization_barrier(out)
 
 
 def _nest(flat: dict) -> dict:

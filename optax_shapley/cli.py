@@ -38,6 +38,10 @@ def _positive(text: str) -> int:
   return value
 
 
+# optax_shapley.experiments.bench.MODES, without importing JAX for --help.
+BENCH_MODES = "plain,exact,auto,ghost,bf16,naive"
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="optax-shapley",
@@ -127,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
   bench.add_argument("--val-sizes", default="4,16,64",
                      help="validation sizes V (default: %(default)s)")
-  bench.add_argument("--modes", default="plain,exact,auto,ghost,naive",
+  bench.add_argument("--modes", default=BENCH_MODES,
                      help="comma-separated subset of "
-                          "plain,exact,auto,ghost,naive (default: %(default)s)")
+                          f"{BENCH_MODES} (bf16: auto with the factors stored "
+                          "in bfloat16) (default: %(default)s)")
   bench.add_argument("--batch-size", type=_positive, default=256,
                      help="B of the MLP and CNN (default: %(default)s)")
   bench.add_argument("--text-batch-size", type=_positive, default=64,

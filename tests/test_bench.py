@@ -23,6 +23,11 @@ def test_bench_reports_every_mode(tmp_path):
   assert "| mlp | 4 |" in (tmp_path / "table.md").read_text()
 
 
+def test_cli_bench_default_modes_are_all_modes():
+  args = cli.build_parser().parse_args(["bench"])
+  assert args.modes == ",".join(bench.MODES)
+
+
 def test_cli_bench_adds_plain(tmp_path, capsys):
   assert cli.main(["bench", "--models", "mlp", "--val-sizes", "4",
                    "--modes", "exact", "--batch-size", "8", "--rounds", "1",

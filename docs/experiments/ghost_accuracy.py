@@ -21,23 +21,24 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import data
 from optax_shapley.experiments import bench, fidelity
 
 
-def _problem(name):
-  if name != "bench_mlp":
+def problem(name):
+  """A fidelity model (``mlp``, ``cnn``, ``transformer``) or a bench model
+  on digits at V = 4 (``bench_mlp``, ``bench_cnn``)."""
+  if not name.startswith("bench_"):
     return fidelity.make_problem(name)
-  s = bench._setup("mlp", bench.BenchConfig(models=("mlp",)))  # pylint: disable=protected-access
-  split = data.load_digits_split(seed=0, val_size=64)
+  model = name[len("bench_"):]
+  s = bench._setup(model, bench.BenchConfig(models=(model,)))  # pylint: disable=protected-access
   val = tuple(x[:4] for x in s.val_inputs)
   pel = s.per_example_loss
-  return fidelity.Problem("bench_mlp", s.description, s.params, pel,
-                          lambda p: pel(p, *val), (split.X_train, split.y_train))
+  return fidelity.Problem(name, s.description, s.params, pel,
+                          lambda p: pel(p, *val), s.train_inputs)
 
 
 def run(name, tol, batch_size, steps=100, report=(1, 3, 5, 10, 20, 50, 100)):
-  prob = _problem(name)
+  prob = problem(name)
   n = prob.num_examples
   kw = dict(num_examples=n, batch_size=batch_size)
   exact = oxs.adam(1e-3, contraction="exact", **kw)

@@ -9,7 +9,8 @@ with ``block_until_ready``:
   ``oxs.value_grad_and_factors`` and ``oxs.adam(..., contraction=mode)``
   (default estimator, secant at the midpoint; ``ghost`` forces the ghost
   rule on every Dense call, which its spot check may still send to the
-  exact rule at a given step);
+  exact rule at a given step; ``bf16`` is ``auto`` with the factors stored
+  in bfloat16, ``value_grad_and_factors(..., factor_dtype=jnp.bfloat16)``);
 - ``naive``: the per-example-gradient baseline: ``jax.vmap(jax.grad)`` of the
   single-example loss, the same validation gradient and secant direction,
   and one dot product per example.
@@ -38,7 +39,7 @@ from optax_shapley import data, metrics, models
 from optax_shapley.experiments import reports
 
 MODELS = ("mlp", "cnn", "transformer")
-MODES = ("plain", "exact", "auto", "ghost", "naive")
+MODES = ("plain", "exact", "auto", "ghost", "bf16", "naive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,13 +148,16 @@ def _steps(s: _Setup, v: int, modes, lr=1e-3) -> dict[str, tuple[Callable, tuple
       return optax.apply_updates(p, u), st
     out["plain"] = (plain, (s.params, adam.init(s.params)))
   ids = jnp.arange(b, dtype=jnp.int32)
-  for mode in ("exact", "auto", "ghost"):
+  for mode in ("exact", "auto", "ghost", "bf16"):
     if mode not in modes:
       continue
-    tx = oxs.adam(lr, num_examples=b, batch_size=b, contraction=mode)
+    tx = oxs.adam(lr, num_examples=b, batch_size=b,
+                  contraction="auto" if mode == "bf16" else mode)
+    capture = oxs.value_grad_and_factors(
+        pel, factor_dtype=jnp.bfloat16 if mode == "bf16" else None)
 
-    def attributed(p, st, *batch, tx=tx):
-      _, g, f = oxs.value_grad_and_factors(pel)(p, *batch)
+    def attributed(p, st, *batch, tx=tx, capture=capture):
+      _, g, f = capture(p, *batch)
       u, st = tx.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)
       return optax.apply_updates(p, u), st
     out[mode] = (attributed, (s.params, tx.init(s.params)))
