@@ -197,7 +197,8 @@ def _set_path(tree: dict, path, value):
 
 
 def module_direction(plan: _CallPlan, leaves):
-  """The module's ``'params'`` dict built from a list of parameter leaves."""
+  """The module's ``'params'`` dict built from parameter leaves (a list, or
+  any mapping from leaf index to leaf)."""
   out: dict = {}
   for path, idx in plan.param_map:
     _set_path(out, path, leaves[idx])
@@ -460,10 +461,11 @@ def value_grad_and_factors(
         *(_vma(a) for a in jax.tree.leaves(args) if hasattr(a, "shape")))))
     def probe_for(p):
       axes = tuple(sorted(set(vma_of[p.key]) | set(data_axes)))
-      if p.per_example:         # [B, *leaf] per parameter of the call
-        return {path: _varying(jnp.zeros((batch,) + jnp.shape(leaves[i]),
-                                         jnp.result_type(leaves[i])), axes)
-                for path, i in p.param_map}
+      if p.per_example:         # the call's 'params' dict, leaves [B, *leaf]
+        return module_direction(p, {
+            i: _varying(jnp.zeros((batch,) + jnp.shape(leaves[i]),
+                                  jnp.result_type(leaves[i])), axes)
+            for _, i in p.param_map})
       return _varying(jnp.zeros(out_of[p.key].shape, out_of[p.key].dtype), axes)
 
     probes = {p.key: probe_for(p) for p in plans}
@@ -506,8 +508,7 @@ def value_grad_and_factors(
     cot = _varying(jnp.full_like(losses, _scale(reduction, batch)),
                    _vma(losses))
     grads, probe_cts = vjp_fn(cot)
-    calls = tuple((inputs[p.key], _nest(probe_cts[p.key]) if p.per_example
-                   else probe_cts[p.key]) for p in plans)
+    calls = tuple((inputs[p.key], probe_cts[p.key]) for p in plans)
     if factor_dtype is not None:
       calls = _store_factors(calls, plans, factor_dtype)
     fb = (params, args) if fallback_leaves else None
@@ -530,14 +531,6 @@ def _store_factors(calls, plans, dtype):
   out = tuple(c if p.per_example else (tuple(cast(a) for a in c[0]), cast(c[1]))
               for p, c in zip(plans, calls))
   return jax.lax.optimization_barrier(out)
-
-
-def _nest(flat: dict) -> dict:
-  """``{name path: leaf}`` -> the nested ``'params'`` dict."""
-  out: dict = {}
-  for path, leaf in flat.items():
-    _set_path(out, path, leaf)
-  return out
 
 
 def _conv_geometry(module: nn.Conv, in_shape: tuple):
@@ -635,8 +628,6 @@ def _per_example_call(plan: _CallPlan, theta: dict, delta: dict, arrays):
   convolution's own weight-gradient computation (and its transposes of
   ``b``).  The gradient with respect to the inputs is the call's own vjp.
   """
-  paths = tuple(delta)
-
   def apply(theta, arrays):
     call_args, call_kwargs = _unflatten_call_args(plan, arrays)
     return layers.apply_with_params(plan.module, plan.method, theta,
@@ -661,8 +652,9 @@ def _per_example_call(plan: _CallPlan, theta: dict, delta: dict, arrays):
       (x_ct,) = jax.vjp(lambda x: apply(theta, (x,)), x)[1](cot)
     else:                  # integer images: no cotangent
       x_ct = np.zeros(x.shape, jax.dtypes.float0)
-    delta_ct = {path: shares[path].astype(delta[path].dtype)
-                for path in paths}
+    delta_ct: dict = {}
+    for path, leaf in _param_paths(delta):
+      _set_path(delta_ct, path, shares[path].astype(leaf.dtype))
     return theta_ct, delta_ct, (x_ct,)
 
   call.defvjp(fwd, bwd)
