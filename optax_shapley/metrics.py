@@ -381,6 +381,51 @@ def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
   return jax.tree.map(one, g, adam_state.mu, adam_state.nu)
 
 
+def adam_gradient(prev_state: optax.ScaleByAdamState,
+                  new_state: optax.ScaleByAdamState, *, b1: float) -> Any:
+  """The gradient ``g`` that Adam folded into its first moment this step.
+
+  ``optax.scale_by_adam`` sets ``mu' = b1 mu + (1 - b1) g`` (Kingma & Ba
+  2015, Algorithm 1), so elementwise::
+
+      g = (mu' - b1 mu) / (1 - b1)
+
+  up to a rounding error of about ``2^-24 (|mu'| + b1 |mu|) / (1 - b1)``.
+  Both moments are arguments and outputs of the training step, alive for
+  all of it, so an expression of ``g`` written this way is fused into its
+  users instead of keeping a gradient-sized buffer alive from the train
+  backward pass through the validation pass (``docs/bench.md``, "Memory").
+  Returns a tree like ``mu``, float32.
+  """
+  inv = 1.0 / (1.0 - b1)
+  return jax.tree.map(
+      lambda m1, m0: (m1.astype(jnp.float32) - b1 * m0.astype(jnp.float32)) * inv,
+      new_state.mu, prev_state.mu)
+
+
+def adam_gradient_dot(directions, prev_state: optax.ScaleByAdamState,
+                      new_state: optax.ScaleByAdamState, *, b1: float) -> Any:
+  """``g . d`` per leaf from the moments, without forming ``g``.
+
+  With :func:`adam_gradient`'s ``g = (mu' - b1 mu) / (1 - b1)``::
+
+      g . d = (mu' . d - b1 mu . d) / (1 - b1)
+
+  two dot products with arrays the step holds anyway.  ``directions`` has
+  leaves ``[E, *leaf.shape]`` (one direction per row); returns a tree of
+  f32[E].
+  """
+  inv = 1.0 / (1.0 - b1)
+
+  def one(d, m1, m0):
+    axes = tuple(range(1, d.ndim))
+    d = d.astype(jnp.float32)
+    return (jnp.sum(d * m1.astype(jnp.float32), axis=axes)
+            - b1 * jnp.sum(d * m0.astype(jnp.float32), axis=axes)) * inv
+
+  return jax.tree.map(one, directions, new_state.mu, prev_state.mu)
+
+
 def evaluation_point(name: str, params, u_g, u_0=None):
   """``wbar_t``: ``start`` = ``w_t``; ``midpoint`` = ``w_t + (u(0) + u(g))/2``;
   ``end`` = ``w_t + u(g)``."""

@@ -323,6 +323,15 @@ def with_shapley(
       # a NaN/inf validation loss or gradient must not pass as a clean step.
       val_finite = val_finite & _all_finite((val_losses, val_grads[e]))
 
+    # After the update, the closed form reads the gradient back from Adam's
+    # moments (arguments and outputs of the step), so no gradient-sized
+    # buffer lives through the validation pass.
+    late_g, g_dot = grads, None
+    if closed_form == "adam" and _float32_moments(state.inner_state, grads):
+      prev_adam = metrics.find_adam_state(state.inner_state)
+      new_adam = metrics.find_adam_state(new_inner)
+      late_g = metrics.adam_gradient(prev_adam, new_adam, b1=b1)
+      g_dot = lambda d: metrics.adam_gradient_dot(d, prev_adam, new_adam, b1=b1)
     dirs, scales = [], []
     for k in linear:
       m, e = ests[k]
@@ -339,7 +348,7 @@ def with_shapley(
         scale = metrics.linearized_scale(update_of, grads)
       elif elementwise and closed_form == "adam":
         scale = metrics.adam_secant_scale(
-            grads, metrics.find_adam_state(state.inner_state),
+            late_g, metrics.find_adam_state(state.inner_state),
             learning_rate=eta, b1=b1, b2=b2, eps=eps)
       elif elementwise:
         scale = metrics.secant_scale(update_of, grads, u_g, u_0)
@@ -374,13 +383,14 @@ def with_shapley(
       if plans:
         extra, ghost_expected = _ghost_contract(
             factors, plans, linear, ests, scales, val_grads, val_calls, stacked,
-            grads, ghost_rank, ghost_tol, axis_name)
+            late_g, ghost_rank, ghost_tol, axis_name)
         lin = lin + extra
         ghost_kernels = tuple(kernel for kernel, _ in plans.values())
       lin = lin / n_dev
       mismatch = _check_sum(lin, grads, stacked, axis_name,
                             skip_leaves=ghost_kernels,
-                            extra_expected=ghost_expected) | rescale_error
+                            extra_expected=ghost_expected,
+                            g_dot=g_dot) | rescale_error
       lin = lin.reshape((lin.shape[0], len(linear), num_k))
       for j, k in enumerate(linear):
         columns[k] = lin[:, j] if weights is not None else lin[:, j, 0]
@@ -715,6 +725,19 @@ def _target_grads(val_loss, w_bar, weights):
   return losses, jax.vmap(lambda w: vjp(w)[0])(weights)
 
 
+def _float32_moments(inner_state, grads) -> bool:
+  """Whether Adam's first moment is float32 and shaped like ``grads``
+  (trace time), so that :func:`metrics.adam_gradient` is exact to rounding."""
+  try:
+    mu = metrics.find_adam_state(inner_state).mu
+  except ValueError:
+    return False
+  if jax.tree.structure(mu) != jax.tree.structure(grads):
+    return False
+  return all(m.dtype == jnp.float32 and m.shape == g.shape
+             for m, g in zip(jax.tree.leaves(mu), jax.tree.leaves(grads)))
+
+
 def _all_finite(tree) -> jax.Array:
   """bool[]: every entry of every inexact leaf of ``tree`` is finite."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -746,21 +769,25 @@ def _check_concrete_ids(ids, num_examples):
 
 
 def _check_sum(step_vals, grads, directions, axis_name=None,
-               skip_leaves=(), extra_expected=None) -> jax.Array:
+               skip_leaves=(), extra_expected=None,
+               g_dot=None) -> jax.Array:
   """``ERROR_CAPTURE_MISMATCH`` unless ``sum_i x_i . d_e = g . d_e`` for all e.
 
   The per-example shares ``x_i`` sum to the batch gradient ``g``, so the
   values of a step must sum to ``g . d``; one dot product per estimator.
   ``step_vals`` f32[B_local, E]; sums run over ``axis_name`` when given.
   Leaves in ``skip_leaves`` (ghost kernels) contribute ``extra_expected``
-  f32[E] instead of ``g . d``.
+  f32[E] instead of ``g . d``.  ``g_dot``, when given, maps the directions
+  to a tree of per-leaf f32[E] ``g . d`` (:func:`metrics.adam_gradient_dot`)
+  and replaces the dot products with ``grads``.
   """
   skip = frozenset(skip_leaves)
-  expected = sum(
-      jnp.tensordot(d, g.astype(jnp.float32), axes=g.ndim)
-      for n, (g, d) in enumerate(zip(jax.tree.leaves(grads),
-                                     jax.tree.leaves(directions)))
-      if n not in skip)
+  if g_dot is not None:
+    dots = jax.tree.leaves(g_dot(directions))
+  else:
+    dots = [jnp.tensordot(d, g.astype(jnp.float32), axes=g.ndim)
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(directions))]
+  expected = sum(x for n, x in enumerate(dots) if n not in skip)
   if extra_expected is not None:
     expected = expected + extra_expected
   total = jnp.sum(step_vals, axis=0)
