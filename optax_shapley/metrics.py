@@ -395,7 +395,11 @@ def adam_gradient(prev_state: optax.ScaleByAdamState,
   all of it, so an expression of ``g`` written this way is fused into its
   users instead of keeping a gradient-sized buffer alive from the train
   backward pass through the validation pass (``docs/bench.md``, "Memory").
-  Returns a tree like ``mu``, float32.
+  Where ``|mu| >> |g|`` the relative error of ``g`` is large (the digits
+  were lost when ``mu'`` was rounded), but :func:`adam_secant_scale` reads
+  ``g`` only through ``(1 - b2) g^2`` next to ``b2 nu`` and a cross term of
+  relative size about ``(1 - b2) mu g / vhat``, both then small.  Returns a
+  tree like ``mu``, float32.
   """
   inv = 1.0 / (1.0 - b1)
   return jax.tree.map(
@@ -405,25 +409,39 @@ def adam_gradient(prev_state: optax.ScaleByAdamState,
 
 def adam_gradient_dot(directions, prev_state: optax.ScaleByAdamState,
                       new_state: optax.ScaleByAdamState, *, b1: float) -> Any:
-  """``g . d`` per leaf from the moments, without forming ``g``.
+  """``g . d`` per leaf from the moments, without keeping ``g``, and a bound
+  on its rounding error.
 
   With :func:`adam_gradient`'s ``g = (mu' - b1 mu) / (1 - b1)``::
 
-      g . d = (mu' . d - b1 mu . d) / (1 - b1)
+      g . d   ~= (mu' . d - b1 mu . d) / (1 - b1)
+      |error| <= 2^-20 |d|_2 (|mu'|_2 + b1 |mu|_2) / (1 - b1)
 
-  two dot products with arrays the step holds anyway.  ``directions`` has
-  leaves ``[E, *leaf.shape]`` (one direction per row); returns a tree of
-  f32[E].
+  ``mu'`` was rounded to float32 after ``(1 - b1) g`` was added to
+  ``b1 mu``, so where ``|mu| >> |g|`` (late in training, ``b1`` near 1) the
+  digits of ``g`` are gone before this function sees them: the error
+  relative to ``|g| |d|`` grows like ``2^-24 |mu| / ((1 - b1) |g|)``.  The
+  bound is the sum of the terms' rounding errors (a few times
+  ``2^-24 |d_j| (|mu'_j| + b1 |mu_j|)``, with room for the summation), made
+  an upper bound by Cauchy-Schwarz so that every reduction reads only
+  ``d`` and the moments: XLA then keeps no product of them in memory.
+  ``directions`` has leaves ``[E, *leaf.shape]`` (one direction per row);
+  returns two trees of f32[E]: the dot products and their error bounds.
   """
   inv = 1.0 / (1.0 - b1)
 
   def one(d, m1, m0):
     axes = tuple(range(1, d.ndim))
-    d = d.astype(jnp.float32)
-    return (jnp.sum(d * m1.astype(jnp.float32), axis=axes)
-            - b1 * jnp.sum(d * m0.astype(jnp.float32), axis=axes)) * inv
+    d, m1, m0 = (x.astype(jnp.float32) for x in (d, m1, m0))
+    dot = (jnp.sum(d * m1, axis=axes) - b1 * jnp.sum(d * m0, axis=axes)) * inv
+    norm = lambda x, ax: jnp.sqrt(jnp.sum(x * x, axis=ax))
+    err = norm(d, axes) * (norm(m1, None) + b1 * norm(m0, None))
+    return dot, err * (inv * 2.0 ** -20)
 
-  return jax.tree.map(one, directions, new_state.mu, prev_state.mu)
+  pairs = jax.tree.map(one, directions, new_state.mu, prev_state.mu)
+  is_pair = lambda x: isinstance(x, tuple)
+  return (jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair),
+          jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair))
 
 
 def evaluation_point(name: str, params, u_g, u_0=None):

@@ -36,11 +36,14 @@ def test_adam_secant_scale_is_the_difference_quotient_of_optax_adam():
 
 def test_adam_gradient_is_read_back_from_optax_moments():
   """``(mu' - b1 mu) / (1 - b1)`` against the gradient optax.adam was given,
-  its dot products against ``tensordot`` with that gradient, and the secant
-  scale computed from it against the scale computed from the gradient."""
+  ``g . d`` from the moments within its own error bound of ``tensordot``
+  with that gradient (also where ``|mu| >> |g|``, when the digits of ``g``
+  are lost in ``mu'``), and the secant scale computed from the read-back
+  gradient against the scale computed from the gradient."""
   k = jax.random.split(jax.random.key(5), 8)
   p = {"w": jax.random.normal(k[0], (300,)), "b": jnp.zeros((4, 5))}
-  for b1 in (0.0, 0.9, 0.99):
+  for b1, g_size in ((0.0, 1.0), (0.9, 1.0), (0.99, 1.0), (0.99, 1e-3),
+                     (0.999, 1e-4)):
     tx = optax.adam(1e-2, b1=b1, b2=0.999)
     st = tx.init(p)
     for i in range(5):
@@ -48,7 +51,8 @@ def test_adam_gradient_is_read_back_from_optax_moments():
           lambda a, i=i: jax.random.normal(jax.random.fold_in(k[1], i), a.shape),
           p), st, p)[1]
     mag = {"w": jnp.logspace(-3, 1, 300), "b": jnp.ones((4, 5))}
-    g = jax.tree.map(lambda a, m: jax.random.normal(k[2], a.shape) * m, p, mag)
+    g = jax.tree.map(lambda a, m: g_size * jax.random.normal(k[2], a.shape) * m,
+                     p, mag)
     new = tx.update(g, st, p)[1]
     prev_adam, new_adam = metrics.find_adam_state(st), metrics.find_adam_state(new)
     got = metrics.adam_gradient(prev_adam, new_adam, b1=b1)
@@ -58,15 +62,20 @@ def test_adam_gradient_is_read_back_from_optax_moments():
                / (1 - b1))
       assert np.all(np.abs(got[name] - g[name]) <= bound + 1e-30), (b1, name)
     d = jax.tree.map(lambda a: jax.random.normal(k[3], (3,) + a.shape), p)
-    dots = metrics.adam_gradient_dot(d, prev_adam, new_adam, b1=b1)
+    dots, errs = metrics.adam_gradient_dot(d, prev_adam, new_adam, b1=b1)
     for name in p:
       ref = np.tensordot(np.asarray(d[name], np.float64),
                          np.asarray(g[name], np.float64), axes=g[name].ndim)
-      scale = np.abs(np.asarray(d[name])).reshape(3, -1) @ np.abs(
-          np.asarray(new_adam.mu[name]) / (1 - b1)).ravel()
-      np.testing.assert_allclose(dots[name], ref, atol=1e-5 * scale.max())
+      err = np.abs(np.asarray(dots[name], np.float64) - ref)
+      assert np.all(err <= np.asarray(errs[name])), (b1, g_size, name, err, errs[name])
+      # The bound is not vacuous: well below |d| |g| where the moments
+      # still hold the digits of g.
+      if g_size == 1.0:
+        dg = np.linalg.norm(np.asarray(d[name]).reshape(3, -1), axis=1) * float(
+            np.linalg.norm(g[name]))
+        assert np.all(np.asarray(errs[name]) <= 1e-3 * dg), (b1, name)
     kw = dict(learning_rate=1e-2, b1=b1, b2=0.999, eps=1e-8)
     from_g = metrics.adam_secant_scale(g, prev_adam, **kw)
     from_mu = metrics.adam_secant_scale(got, prev_adam, **kw)
     for name in p:
-      np.testing.assert_allclose(from_mu[name], from_g[name], rtol=1e-5)
+      np.testing.assert_allclose(from_mu[name], from_g[name], rtol=1e-4)

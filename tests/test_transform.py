@@ -699,3 +699,43 @@ def test_non_scalar_change_earlier_in_a_chain_is_refused():
   with pytest.raises(ValueError, match="did not add up"):
     oxs.check(state)
   assert float(np.abs(oxs.values(state)).max()) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# oxs.adam reads the gradient back from Adam's moments after the update.
+
+
+def test_float32_moments_gate_the_read_back_gradient():
+  from optax_shapley import transform
+  g = jax.tree.map(jnp.zeros_like, PARAMS)
+  assert transform._float32_moments(optax.adam(LR).init(PARAMS), g)
+  assert not transform._float32_moments(
+      optax.adam(LR, mu_dtype=jnp.bfloat16).init(PARAMS), g)
+  assert not transform._float32_moments(optax.sgd(LR).init(PARAMS), g)
+
+
+@pytest.mark.parametrize("b1", [0.9, 0.999])
+def test_moments_much_larger_than_the_gradient_skip_no_step(b1):
+  """Late in training ``|mu| >> |g|``: the gradient read back from the
+  moments has lost digits, but the add-up check allows for that (no step
+  skipped) and the values match the generic secant path, which keeps the
+  gradient itself."""
+  kw = dict(num_examples=N, batch_size=B)
+  fast = oxs.adam(LR, b1=b1, **kw)
+  generic = oxs.with_shapley(optax.adam(LR, b1=b1), learning_rate=LR, b1=b1,
+                             b2=0.999, eps=1e-8, elementwise=True, **kw)
+  state = fast.init(PARAMS)
+  # Moments of gradients 1e4 times this batch's: mu' = b1 mu + (1 - b1) g.
+  adam = optax.adam(LR, b1=b1)
+  inner = adam.init(PARAMS)
+  big = jax.tree.map(lambda a: 1e4 * jnp.ones_like(a), PARAMS)
+  for _ in range(3):
+    inner = adam.update(big, inner, PARAMS)[1]
+  state = state._replace(inner_state=inner)
+  got, ref = [], []
+  for tx in (fast, generic):
+    step = make_step(tx)
+    _, s = step(PARAMS, state, *batch(BATCH_IDS[0]))
+    assert int(s.skipped) == 0, int(s.error)
+    (got if tx is fast else ref).append(oxs.step_values(s))
+  scaled_close(got[0], ref[0], 1e-3)
