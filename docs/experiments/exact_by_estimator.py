@@ -11,9 +11,6 @@ second point) from what the evaluation point and the metric add.
 
 Usage: python docs/experiments/exact_by_estimator.py
 """
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,22 +65,10 @@ def main(rounds=30, repeat=3):
     name = f"{metric}@{evaluation}"
     compiled[name] = jax.jit(step).lower(p, state).compile()
     args[name] = (p, state)
-  times = {m: [] for m in compiled}
-  order = np.random.default_rng(1)
-  for _ in range(rounds):
-    for m in order.permutation(list(compiled)):
-      c = compiled[m]
-      jax.block_until_ready(c(*args[m]))
-      t0 = time.perf_counter()
-      for _ in range(repeat):
-        out = c(*args[m])
-      jax.block_until_ready(out)
-      times[m].append((time.perf_counter() - t0) / repeat)
-  plain_ms = statistics.median(times["plain"])
+  med = bench.time_interleaved(compiled, args, rounds, repeat, seed=1)
   print("| step (exact rule) | ms | throughput vs plain |\n|---|---|---|")
-  for m, t in times.items():
-    med = statistics.median(t)
-    print(f"| {m} | {1e3 * med:.2f} | {plain_ms / med:.3f} |")
+  for m, t in med.items():
+    print(f"| {m} | {1e3 * t:.2f} | {med['plain'] / t:.3f} |")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ metric and the evaluation point cost.
 
 Usage: python docs/experiments/ghost_floor.py
 """
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,22 +99,11 @@ def main(rounds=40, repeat=3):
     p, st = warm(p, st, jnp.asarray(x_all[ids]), jnp.asarray(y_all[ids]))
   args = (p, st, jnp.zeros(b))
   compiled = {m: jax.jit(fn).lower(*args).compile() for m, fn in steps.items()}
-  times = {m: [] for m in compiled}
-  order = np.random.default_rng(1)
-  for _ in range(rounds):
-    for m in order.permutation(list(compiled)):
-      c = compiled[m]
-      jax.block_until_ready(c(*args))
-      t0 = time.perf_counter()
-      for _ in range(repeat):
-        out = c(*args)
-      jax.block_until_ready(out)
-      times[m].append((time.perf_counter() - t0) / repeat)
-  plain_ms = statistics.median(times["plain"])
+  med = bench.time_interleaved(compiled, {m: args for m in compiled}, rounds,
+                               repeat, seed=1)
   print("| step | ms | throughput vs plain |\n|---|---|---|")
-  for m, t in times.items():
-    med = statistics.median(t)
-    print(f"| {m} | {1e3 * med:.2f} | {plain_ms / med:.3f} |")
+  for m, t in med.items():
+    print(f"| {m} | {1e3 * t:.2f} | {med['plain'] / t:.3f} |")
 
 
 if __name__ == "__main__":

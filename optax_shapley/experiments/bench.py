@@ -192,6 +192,30 @@ def _memory(compiled) -> int | None:
              + m.temp_size_in_bytes)
 
 
+def time_interleaved(compiled: dict[str, Callable], args: dict[str, tuple],
+                     rounds: int, repeat: int, seed: int = 0) -> dict[str, float]:
+  """Median seconds per call of each ``compiled[m](*args[m])``.
+
+  Rounds run the functions in a fresh random order each; every timing is
+  one untimed call followed by ``repeat`` timed calls (averaged), with
+  ``block_until_ready``.  The untimed call matters: without it the function
+  after ``naive`` (which streams B per-example gradients) starts on caches
+  that ``naive`` has emptied, and looks slower than it is.
+  """
+  times = {m: [] for m in compiled}
+  order = np.random.default_rng(seed)
+  for _ in range(rounds):
+    for m in order.permutation(list(compiled)):
+      c = compiled[m]
+      jax.block_until_ready(c(*args[m]))
+      t0 = time.perf_counter()
+      for _ in range(repeat):
+        out = c(*args[m])
+      jax.block_until_ready(out)
+      times[m].append((time.perf_counter() - t0) / repeat)
+  return {m: statistics.median(t) for m, t in times.items()}
+
+
 def bench_one(s: _Setup, v: int, cfg: BenchConfig) -> dict:
   """Times every mode of ``cfg`` for one model and validation size."""
   steps = _steps(s, v, cfg.modes)
@@ -212,22 +236,7 @@ def bench_one(s: _Setup, v: int, cfg: BenchConfig) -> dict:
     compiled[mode], args[mode] = c, (*init, *s.batch)
     for _ in range(2):                                   # warm-up
       jax.block_until_ready(c(*args[mode]))
-  # Interleaved rounds in a fresh random order each round.  Every timing is
-  # preceded by an untimed call of the same mode: without it the mode after
-  # ``naive`` (which streams B per-example gradients) starts on caches that
-  # ``naive`` has emptied, and looks slower than it is.
-  times = {m: [] for m in compiled}
-  order = np.random.default_rng(cfg.seed)
-  for _ in range(cfg.rounds):
-    for m in order.permutation(list(compiled)):
-      c = compiled[m]
-      jax.block_until_ready(c(*args[m]))
-      t0 = time.perf_counter()
-      for _ in range(cfg.repeat):
-        out = c(*args[m])
-      jax.block_until_ready(out)
-      times[m].append((time.perf_counter() - t0) / cfg.repeat)
-  med = {m: statistics.median(t) for m, t in times.items()}
+  med = time_interleaved(compiled, args, cfg.rounds, cfg.repeat, cfg.seed)
   rows = {}
   for m in compiled:
     rows[m] = dict(
