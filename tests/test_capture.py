@@ -134,7 +134,10 @@ def test_contraction_matches_vmap_grad(name, reduction):
   reduce = jnp.mean if reduction == "mean" else jnp.sum
   ref_grads = jax.grad(lambda p: reduce(pel(p, x, y)))(params)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # float32 sums in another order (a per-example rule adds B shares):
+    # entries near 0 are compared at the leaf's scale.
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-6 * float(np.abs(b).max()))
   d = _directions(params)
   got = np.asarray(jax.jit(oxs.contract)(factors, d))
   ref = _reference_dots(pel, params, d, x, y, 1.0 / B if reduction == "mean" else 1.0)
@@ -155,7 +158,10 @@ def test_bfloat16_factors_stay_close_to_vmap_grad(name):
   assert all(a.dtype == jnp.bfloat16 for a in kept)
   ref_grads = jax.grad(lambda p: jnp.mean(pel(p, x, y)))(params)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # float32 sums in another order (a per-example rule adds B shares):
+    # entries near 0 are compared at the leaf's scale.
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-6 * float(np.abs(b).max()))
   d = _directions(params)
   got = np.asarray(jax.jit(oxs.contract)(factors, d))
   assert got.dtype == np.float32
