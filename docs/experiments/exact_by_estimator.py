@@ -13,7 +13,6 @@ Usage: python docs/experiments/exact_by_estimator.py
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_shapley as oxs
@@ -34,20 +33,8 @@ def main(rounds=30, repeat=3):
   ids = jnp.arange(b, dtype=jnp.int32)
   adam = optax.adam(LR)
 
-  def train(p, st, *data):
-    g = jax.grad(lambda q: jnp.mean(pel(q, *data)))(p)
-    u, st = adam.update(g, st, p)
-    return optax.apply_updates(p, u), st
-
-  plain = lambda p, st: train(p, st, *batch)
-  # A trained Adam state: 30 plain steps on random batches.
-  rng = np.random.default_rng(0)
-  p, st = s.params, adam.init(s.params)
-  warm = jax.jit(train)
-  x_all, y_all = s.train_inputs
-  for _ in range(30):
-    pick = rng.choice(len(x_all), b, replace=False)
-    p, st = warm(p, st, jnp.asarray(x_all[pick]), jnp.asarray(y_all[pick]))
+  plain = lambda p, st: bench.plain_step(pel, adam)(p, st, *batch)
+  p, st = bench.warm_adam_state(s, adam)      # a trained Adam state
 
   compiled = {"plain": jax.jit(plain).lower(p, st).compile()}
   args = {"plain": (p, st)}

@@ -23,7 +23,6 @@ Usage: python docs/experiments/ghost_floor.py
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_shapley as oxs
@@ -79,24 +78,14 @@ def main(rounds=40, repeat=3):
   val = tuple(x[:4] for x in s.val_inputs)
   adam = optax.adam(LR, b1=B1, b2=B2, eps=EPS)
 
-  def train(p, st, *data):
-    g = jax.grad(lambda q: jnp.mean(pel(q, *data)))(p)
-    u, st = adam.update(g, st, p)
-    return optax.apply_updates(p, u), st
+  train = bench.plain_step(pel, adam)
 
   steps = {"plain": lambda p, st, values: (*train(p, st, *batch), values)}
   for metric in ("sgd", "fixed_state", "secant"):
     for evaluation in ("start", "midpoint"):
       steps[f"{metric}@{evaluation}"] = _step(pel, batch, val, metric,
                                               evaluation, adam)
-  # A trained Adam state: 30 plain steps on random batches.
-  rng = np.random.default_rng(0)
-  p, st = s.params, adam.init(s.params)
-  warm = jax.jit(train)
-  x_all, y_all = s.train_inputs
-  for _ in range(30):
-    ids = rng.choice(len(x_all), b, replace=False)
-    p, st = warm(p, st, jnp.asarray(x_all[ids]), jnp.asarray(y_all[ids]))
+  p, st = bench.warm_adam_state(s, adam)      # a trained Adam state
   args = (p, st, jnp.zeros(b))
   compiled = {m: jax.jit(fn).lower(*args).compile() for m, fn in steps.items()}
   med = bench.time_interleaved(compiled, {m: args for m in compiled}, rounds,

@@ -3,7 +3,7 @@
 ``optax-shapley bench`` times, in one process, interleaved, after warm-up and
 with ``block_until_ready``:
 
-- ``plain``: ``jax.value_and_grad`` of the mean loss and ``optax.adam``'s
+- ``plain``: ``jax.grad`` of the mean loss and ``optax.adam``'s
   update, jitted;
 - ``exact`` / ``auto`` / ``ghost``: the same step through
   ``oxs.value_grad_and_factors`` and ``oxs.adam(..., contraction=mode)``
@@ -142,11 +142,7 @@ def _steps(s: _Setup, v: int, modes, lr=1e-3) -> dict[str, tuple[Callable, tuple
   adam = optax.adam(lr)
   out = {}
   if "plain" in modes:
-    def plain(p, st, *batch):
-      _, g = jax.value_and_grad(lambda q: jnp.mean(pel(q, *batch)))(p)
-      u, st = adam.update(g, st, p)
-      return optax.apply_updates(p, u), st
-    out["plain"] = (plain, (s.params, adam.init(s.params)))
+    out["plain"] = (plain_step(pel, adam), (s.params, adam.init(s.params)))
   ids = jnp.arange(b, dtype=jnp.int32)
   for mode in ("exact", "auto", "ghost", "bf16"):
     if mode not in modes:
@@ -190,6 +186,30 @@ def _memory(compiled) -> int | None:
     return None
   return int(m.argument_size_in_bytes + m.output_size_in_bytes
              + m.temp_size_in_bytes)
+
+
+def plain_step(per_example_loss: Callable, adam) -> Callable:
+  """``(params, opt_state, *batch) -> (params, opt_state)``: the plain
+  step, ``jax.grad`` of the mean loss plus the ``adam`` update."""
+  def step(p, st, *batch):
+    g = jax.grad(lambda q: jnp.mean(per_example_loss(q, *batch)))(p)
+    u, st = adam.update(g, st, p)
+    return optax.apply_updates(p, u), st
+  return step
+
+
+def warm_adam_state(s: _Setup, adam, steps: int = 30, seed: int = 0):
+  """``(params, adam_state)`` after ``steps`` plain steps of ``adam`` on
+  random training batches of the setup's batch size."""
+  b = jax.tree.leaves(s.batch)[0].shape[0]
+  rng = np.random.default_rng(seed)
+  n = len(s.train_inputs[0])
+  step = jax.jit(plain_step(s.per_example_loss, adam))
+  p, st = s.params, adam.init(s.params)
+  for _ in range(steps):
+    ids = rng.choice(n, b, replace=b > n)
+    p, st = step(p, st, *(jnp.asarray(x[ids]) for x in s.train_inputs))
+  return p, st
 
 
 def time_interleaved(compiled: dict[str, Callable], args: dict[str, tuple],
