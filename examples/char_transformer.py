@@ -13,8 +13,8 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import data
-from optax_shapley.models import CharTransformer, token_cross_entropy
+from optax_shapley.experiments import data
+from optax_shapley.experiments.models import CharTransformer, token_cross_entropy
 
 
 def main(steps: int = 200, batch_size: int = 16, seed: int = 0) -> np.ndarray:

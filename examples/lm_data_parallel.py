@@ -79,8 +79,8 @@ def main(argv=None):
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import optax_shapley as oxs
-  from optax_shapley import data
-  from optax_shapley.models import CharTransformer, token_cross_entropy
+  from optax_shapley.experiments import data
+  from optax_shapley.experiments.models import CharTransformer, token_cross_entropy
 
   logging.getLogger("optax_shapley").setLevel(logging.INFO)
   first = jax.process_index() == 0

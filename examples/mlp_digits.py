@@ -13,8 +13,8 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import data
-from optax_shapley.models import MLP, cross_entropy
+from optax_shapley.experiments import data
+from optax_shapley.experiments.models import MLP, cross_entropy
 
 
 def main(epochs: int = 5, batch_size: int = 32, seed: int = 0) -> np.ndarray:

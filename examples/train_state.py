@@ -22,8 +22,8 @@ import optax
 from flax.training import train_state
 
 import optax_shapley as oxs
-from optax_shapley import data
-from optax_shapley.models import MLP, cross_entropy
+from optax_shapley.experiments import data
+from optax_shapley.experiments.models import MLP, cross_entropy
 
 
 class ShapleyTrainState(train_state.TrainState):

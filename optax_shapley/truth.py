@@ -52,13 +52,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from optax_shapley import shapley
 
 __all__ = [
     "enable_x64",
@@ -85,15 +86,9 @@ Utility = Callable[[jax.Array], jax.Array]
 def enable_x64() -> Iterator[None]:
   """Context manager that turns on JAX's 64-bit mode inside its block.
 
-  Works across JAX versions:
-
-  * ``jax >= 0.8`` (including 0.10 and 0.12): ``jax.enable_x64(True)``, a
-    config state usable as a context manager (thread-local; it is part of the
-    ``jit`` cache key, so functions traced inside and outside differ).
-  * older JAX: ``jax.experimental.enable_x64()`` (deprecated in 0.8, removed
-    in 0.10).
-  * otherwise: ``jax.config.update("jax_enable_x64", True)``, restored on
-    exit (global, not thread-safe).
+  ``jax.enable_x64(True)`` (thread-local; it is part of the ``jit`` cache
+  key, so functions traced inside and outside differ); a no-op when 64-bit
+  mode is on already.
 
   Arrays created inside keep their 64-bit dtype after the block ends, but
   operations on them outside the block are computed in 32 bits again; that
@@ -103,24 +98,8 @@ def enable_x64() -> Iterator[None]:
   if bool(jax.config.jax_enable_x64):
     yield
     return
-  state = getattr(jax, "enable_x64", None)
-  if state is not None and callable(state):
-    with state(True):
-      yield
-    return
-  try:
-    from jax.experimental import enable_x64 as _experimental_enable_x64  # type: ignore
-  except ImportError:  # pragma: no cover - depends on the jax version
-    _experimental_enable_x64 = None
-  if _experimental_enable_x64 is not None:  # pragma: no cover
-    with _experimental_enable_x64():
-      yield
-    return
-  jax.config.update("jax_enable_x64", True)  # pragma: no cover
-  try:  # pragma: no cover
+  with jax.enable_x64(True):
     yield
-  finally:  # pragma: no cover
-    jax.config.update("jax_enable_x64", False)
 
 
 def _wants_x64(dtype) -> bool:
@@ -415,19 +394,9 @@ def exact_shapley(
         f"{MAX_EXACT_PLAYERS} would need {2**n} optimizer steps. "
         "Use monte_carlo_shapley instead."
     )
-  subsets = np.arange(2**n, dtype=np.int64)
-  bits = (subsets[:, None] >> np.arange(n)[None, :]) & 1  # [2^n, n]
-  u = _evaluate(utility, bits.astype(np.float64), chunk_size, dtype)
-  sizes = bits.sum(axis=1)
-  weights = np.array(
-      [math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)],
-      dtype=np.float64,
-  )
-  phi = np.zeros(n, dtype=np.float64)
-  for i in range(n):
-    without = subsets[bits[:, i] == 0]
-    phi[i] = np.sum(weights[sizes[without]] * (u[without | (1 << i)] - u[without]))
-  return phi
+  masks = shapley.subset_masks(n)
+  u = _evaluate(utility, masks.astype(np.float64), chunk_size, dtype)
+  return shapley.shapley_weights(n).T @ u
 
 
 def monte_carlo_shapley(
@@ -484,26 +453,15 @@ def monte_carlo_shapley(
         f"be even when antithetic=True; got {p}."
     )
   num_draws = p // 2 if antithetic else p
-  keys = jax.random.split(key, num_draws)
-  perms = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, n))(keys))
-  if antithetic:
-    perms = np.stack([perms, perms[:, ::-1]], axis=1).reshape(p, n)
-  ranks = np.argsort(perms, axis=1)  # ranks[q, j]: position of player j
-  # Prefix masks for k = 1 .. n-1: mask[q, k-1, j] = rank[q, j] < k.
-  ks = np.arange(1, n)
-  prefixes = (ranks[:, None, :] < ks[None, :, None]).astype(np.float64)
+  ranks = np.argsort(np.asarray(shapley.permutations(key, p, n, antithetic)),
+                     axis=1)  # ranks[q, j]: position of player j
+  prefixes = shapley.prefix_masks(ranks).astype(np.float64)
   masks = np.concatenate(
       [np.zeros((1, n)), np.ones((1, n)), prefixes.reshape(-1, n)], axis=0
   )
   u = _evaluate(utility, masks, chunk_size, dtype)
-  u_empty, u_full = u[0], u[1]
-  chain = np.concatenate(
-      [np.full((p, 1), u_empty), u[2:].reshape(p, n - 1), np.full((p, 1), u_full)],
-      axis=1,
-  )  # chain[q, k] = U(first k players of permutation q)
-  contrib = np.take_along_axis(chain, ranks + 1, axis=1) - np.take_along_axis(
-      chain, ranks, axis=1
-  )  # [p, n], per player
+  contrib = shapley.permutation_marginals(
+      ranks, u[2:].reshape(p, n - 1), u[0], u[1])  # [p, n], per player
   samples = contrib.reshape(num_draws, 2, n).mean(axis=1) if antithetic else contrib
   values = samples.mean(axis=0)
   if num_draws < 2:

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import optax_shapley as oxs
-from optax_shapley import capture
+from optax_shapley import contraction
 
 B, T, D_IN, VOCAB = 5, 4, 6, 11
 
@@ -180,7 +180,7 @@ def test_per_example_grads_from_factors_match_vmap_grad(name):
   """The Jacobian of the contraction is the per-example gradient, x_i."""
   params, pel, x, y = _setup(name)
   _, grads, factors = oxs.value_grad_and_factors(pel)(params, x, y)
-  got = jax.jit(capture.per_example_grads)(factors, grads)
+  got = jax.jit(contraction.per_example_grads)(factors, grads)
 
   def one(xi, yi):
     return jax.grad(lambda p: pel(p, xi[None], yi[None])[0])(params)

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_shapley as oxs
-from optax_shapley import data
+from optax_shapley.experiments import data
 from optax_shapley.experiments import detect, prune
 
 

@@ -13,7 +13,8 @@ import optax
 import pytest
 
 import optax_shapley as oxs
-from optax_shapley import data, models, truth
+from optax_shapley import truth
+from optax_shapley.experiments import data, models
 
 B, LR, STEPS = 10, 1e-3, (3, 6, 21, 51)
 ESTIMATORS = (("secant", "midpoint"), ("linearized", "end"),

@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import optax_shapley as oxs
-from optax_shapley import capture
+from optax_shapley import contraction
 
 B, T, D, C, VOCAB = 4, 6, 8, 3, 11
 T_TRAIN, T_VAL = 8, 5
@@ -105,7 +105,7 @@ class Case:
   tol: float = 1e-5                  # contraction, relative to max |ref|
   grad_tol: float = 1e-5             # grads vs jax.grad of the mean loss
   check_sum: bool = False            # also reduction="sum"
-  check_peg: bool = False            # also capture.per_example_grads
+  check_peg: bool = False            # also contraction.per_example_grads
 
 
 def _per_example_grads_ref(loss, params, args):
@@ -145,7 +145,7 @@ def _run(s: Setup, directions, check_sum=False, check_peg=False):
           s.loss, reduction=red)(params, *args)
       out[red] = (losses, grads, oxs.contract(factors, d))
       if check_peg and red == "mean":
-        out["peg"] = capture.per_example_grads(factors, like=grads)
+        out["peg"] = contraction.per_example_grads(factors, like=grads)
     pe = _per_example_grads_ref(ref_loss, ref_params, args)
     out["ref"] = _dots(pe, d) / B
     if check_peg:

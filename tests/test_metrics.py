@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shapley import metrics
+from optax_shapley import adam_state
 
 
 def test_adam_secant_scale_is_the_difference_quotient_of_optax_adam():
@@ -22,7 +22,7 @@ def test_adam_secant_scale_is_the_difference_quotient_of_optax_adam():
     mag = jnp.logspace(-3, 1, 400)
     g = {"w": jax.random.normal(k[6], (400,)) * mag * (jnp.arange(400) >= 20)}
     upd = lambda gg: tx.update(gg, st, p)[0]
-    cf = metrics.adam_secant_scale(g, metrics.find_adam_state(st),
+    cf = adam_state.adam_secant_scale(g, adam_state.find_adam_state(st),
                                    learning_rate=1e-2, b1=0.8, b2=0.99,
                                    eps=1e-8)["w"]
     u_g, u_0 = upd(g)["w"], upd({"w": jnp.zeros(400)})["w"]
@@ -54,15 +54,15 @@ def test_adam_gradient_is_read_back_from_optax_moments():
     g = jax.tree.map(lambda a, m: g_size * jax.random.normal(k[2], a.shape) * m,
                      p, mag)
     new = tx.update(g, st, p)[1]
-    prev_adam, new_adam = metrics.find_adam_state(st), metrics.find_adam_state(new)
-    got = metrics.adam_gradient(prev_adam, new_adam, b1=b1)
+    prev_adam, new_adam = adam_state.find_adam_state(st), adam_state.find_adam_state(new)
+    got = adam_state.adam_gradient(prev_adam, new_adam, b1=b1)
     for name in p:
       # Rounding of mu' (float32), amplified by 1 / (1 - b1).
       bound = (2.0 ** -22 * (np.abs(new_adam.mu[name]) + b1 * np.abs(prev_adam.mu[name]))
                / (1 - b1))
       assert np.all(np.abs(got[name] - g[name]) <= bound + 1e-30), (b1, name)
     d = jax.tree.map(lambda a: jax.random.normal(k[3], (3,) + a.shape), p)
-    dots, errs = metrics.adam_gradient_dot(d, prev_adam, new_adam, b1=b1)
+    dots, errs = adam_state.adam_gradient_dot(d, prev_adam, new_adam, b1=b1)
     for name in p:
       ref = np.tensordot(np.asarray(d[name], np.float64),
                          np.asarray(g[name], np.float64), axes=g[name].ndim)
@@ -75,7 +75,7 @@ def test_adam_gradient_is_read_back_from_optax_moments():
             np.linalg.norm(g[name]))
         assert np.all(np.asarray(errs[name]) <= 1e-3 * dg), (b1, name)
     kw = dict(learning_rate=1e-2, b1=b1, b2=0.999, eps=1e-8)
-    from_g = metrics.adam_secant_scale(g, prev_adam, **kw)
-    from_mu = metrics.adam_secant_scale(got, prev_adam, **kw)
+    from_g = adam_state.adam_secant_scale(g, prev_adam, **kw)
+    from_mu = adam_state.adam_secant_scale(got, prev_adam, **kw)
     for name in p:
       np.testing.assert_allclose(from_mu[name], from_g[name], rtol=1e-4)

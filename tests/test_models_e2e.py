@@ -57,7 +57,8 @@ import optax
 import pytest
 
 import optax_shapley as oxs
-from optax_shapley import data, models, truth
+from optax_shapley import truth
+from optax_shapley.experiments import data, models
 
 B, LR = 10, 1e-3
 STEPS = (6, 11)     # steps compared with exact Shapley of the real Adam step

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_shapley as oxs
 import toy
-from optax_shapley import capture
+from optax_shapley import contraction
 
 B = 6
 
@@ -104,7 +104,7 @@ def test_per_example_rule_matches_vmap_grad(name):
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   ref = jax.tree.map(lambda r: r / B, _vmap_grads(pel, params, x, y))
-  got = jax.jit(capture.per_example_grads)(factors, grads)
+  got = jax.jit(contraction.per_example_grads)(factors, grads)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
     np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * float(np.abs(r).max()))
   d = jax.tree.map(lambda a: jax.random.normal(jax.random.key(a.size),

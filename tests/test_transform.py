@@ -706,12 +706,12 @@ def test_non_scalar_change_earlier_in_a_chain_is_refused():
 
 
 def test_float32_moments_gate_the_read_back_gradient():
-  from optax_shapley import transform
+  from optax_shapley import adam_state
   g = jax.tree.map(jnp.zeros_like, PARAMS)
-  assert transform._float32_moments(optax.adam(LR).init(PARAMS), g)
-  assert not transform._float32_moments(
+  assert adam_state.float32_moments(optax.adam(LR).init(PARAMS), g)
+  assert not adam_state.float32_moments(
       optax.adam(LR, mu_dtype=jnp.bfloat16).init(PARAMS), g)
-  assert not transform._float32_moments(optax.sgd(LR).init(PARAMS), g)
+  assert not adam_state.float32_moments(optax.sgd(LR).init(PARAMS), g)
 
 
 @pytest.mark.parametrize("b1", [0.9, 0.999])

@@ -25,11 +25,11 @@ ESTIMATORS = (("sgd", "start"), ("fixed_state", "start"), ("secant", "start"),
 
 def main(rounds=30, repeat=3):
   cfg = bench.BenchConfig(models=("mlp",), val_sizes=(4,))
-  s = bench._setup("mlp", cfg)                  # pylint: disable=protected-access
-  pel, batch = s.per_example_loss, s.batch
+  s = bench.setup("mlp", cfg)
+  prob = s.problem.with_val_size(4)
+  pel, batch = prob.per_example_loss, s.batch
   b = jax.tree.leaves(batch)[0].shape[0]
-  val = tuple(x[:4] for x in s.val_inputs)
-  val_loss = lambda p: pel(p, *val)
+  val_loss = prob.val_loss
   ids = jnp.arange(b, dtype=jnp.int32)
   adam = optax.adam(LR)
 

@@ -30,11 +30,8 @@ def problem(name):
   if not name.startswith("bench_"):
     return fidelity.make_problem(name)
   model = name[len("bench_"):]
-  s = bench._setup(model, bench.BenchConfig(models=(model,)))  # pylint: disable=protected-access
-  val = tuple(x[:4] for x in s.val_inputs)
-  pel = s.per_example_loss
-  return fidelity.Problem(name, s.description, s.params, pel,
-                          lambda p: pel(p, *val), s.train_inputs)
+  s = bench.setup(model, bench.BenchConfig(models=(model,)))
+  return s.problem.with_val_size(4)
 
 
 def run(name, tol, batch_size, steps=100, report=(1, 3, 5, 10, 20, 50, 100)):

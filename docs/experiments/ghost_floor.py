@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import ghost, metrics
+from optax_shapley import adam_state, ghost
 from optax_shapley.experiments import bench
 
 LR, B1, B2, EPS = 1e-3, 0.9, 0.999, 1e-8
@@ -47,13 +47,13 @@ def _step(pel, batch, val, metric, evaluation, adam):
       u0 = adam.update(jax.tree.map(jnp.zeros_like, g), st, p)[0]
       w = jax.tree.map(lambda x, a, c: x + (a + c) / 2, p, u, u0)
     _, vg, vf = oxs.value_grad_and_factors(pel)(w, *val)
-    moments = metrics.find_adam_state(st)
+    moments = adam_state.find_adam_state(st)
     if metric == "fixed_state":
-      scale = metrics.fixed_state_scale(
-          g, metrics.find_adam_state(new_st), learning_rate=LR, b1=B1, b2=B2,
+      scale = adam_state.fixed_state_scale(
+          g, adam_state.find_adam_state(new_st), learning_rate=LR, b1=B1, b2=B2,
           eps=EPS)
     elif metric == "secant":
-      scale = metrics.adam_secant_scale(g, moments, learning_rate=LR, b1=B1,
+      scale = adam_state.adam_secant_scale(g, moments, learning_rate=LR, b1=B1,
                                         b2=B2, eps=EPS)
     phi = jnp.zeros(b)
     for plan, (ins, cot), (vins, vcot) in zip(f.plans, f.calls, vf.calls):
@@ -72,10 +72,10 @@ def _step(pel, batch, val, metric, evaluation, adam):
 
 def main(rounds=40, repeat=3):
   cfg = bench.BenchConfig(models=("mlp",), val_sizes=(4,))
-  s = bench._setup("mlp", cfg)                  # pylint: disable=protected-access
-  pel, batch = s.per_example_loss, s.batch
+  s = bench.setup("mlp", cfg)
+  prob = s.problem.with_val_size(4)
+  pel, batch, val = prob.per_example_loss, s.batch, prob.val_inputs
   b = jax.tree.leaves(batch)[0].shape[0]
-  val = tuple(x[:4] for x in s.val_inputs)
   adam = optax.adam(LR, b1=B1, b2=B2, eps=EPS)
 
   train = bench.plain_step(pel, adam)

@@ -21,17 +21,17 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import metrics
+from optax_shapley import estimators, metrics
 from optax_shapley.experiments import bench
 
 
 def main(ranks=(1, 2, 4, 8, 16, 32), steps=(30, 100)):
   cfg = bench.BenchConfig(models=("transformer",), val_sizes=(4,))
-  s = bench._setup("transformer", cfg)          # pylint: disable=protected-access
-  pel, batch = s.per_example_loss, s.batch
-  val = tuple(x[:4] for x in s.val_inputs)
+  s = bench.setup("transformer", cfg)
+  prob = s.problem.with_val_size(4)
+  pel, batch, val = prob.per_example_loss, s.batch, prob.val_inputs
   adam = optax.adam(1e-3)
-  params, st = s.params, adam.init(s.params)
+  params, st = prob.params, adam.init(prob.params)
   rng = np.random.default_rng(1)
 
   @jax.jit
@@ -49,7 +49,7 @@ def main(ranks=(1, 2, 4, 8, 16, 32), steps=(30, 100)):
     _, g, f = oxs.value_grad_and_factors(pel)(params, *batch)
     update_of = lambda gg: adam.update(gg, st, params)[0]
     u_g, u_0 = update_of(g), update_of(jax.tree.map(jnp.zeros_like, g))
-    mid = metrics.evaluation_point("midpoint", params, u_g, u_0)
+    mid = estimators.MIDPOINT.point(params, u_g, u_0)
     v = jax.grad(lambda q: jnp.mean(pel(q, *val)))(mid)
     d = metrics.scale_times(metrics.secant_scale(update_of, g, u_g, u_0), v)
     total = np.asarray(oxs.contract(f, jax.tree.map(lambda x: x[None], d)))[:, 0]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,11 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import data, metrics, models
+from optax_shapley import estimators, metrics
+from optax_shapley.experiments import problems
 from optax_shapley.experiments import reports
 
-MODELS = ("mlp", "cnn", "transformer")
+MODELS = problems.MODELS
 MODES = ("plain", "exact", "auto", "ghost", "bf16", "naive")
 
 
@@ -75,74 +76,54 @@ class BenchConfig:
   train_steps: int = 30
 
 
-@dataclasses.dataclass
-class _Setup:
-  name: str
-  params: Any
-  per_example_loss: Callable
-  batch: tuple                 # the timed batch
-  train_inputs: tuple          # training arrays, batches drawn for warm-up
-  val_inputs: tuple            # full validation arrays; sliced to V
-  description: str
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A bundled problem and the batch every mode is timed on.
+
+  Attributes:
+    problem: the model, its training arrays and its full validation arrays
+      (sliced to each ``V``).
+    batch: the timed batch (``B`` rows of ``problem.inputs``).
+  """
+  problem: problems.Problem
+  batch: tuple
+
+  @property
+  def batch_size(self) -> int:
+    return jax.tree.leaves(self.batch)[0].shape[0]
 
 
-def _setup(name: str, cfg: BenchConfig) -> _Setup:
-  key = jax.random.key(cfg.seed)
-  if name in ("mlp", "cnn"):
-    split = data.load_digits_split(seed=cfg.seed, val_size=max(cfg.val_sizes))
-    rng = np.random.default_rng(cfg.seed)
-    ids = rng.choice(len(split.X_train), cfg.batch_size,
-                     replace=cfg.batch_size > len(split.X_train))
-    if name == "mlp":
-      model = models.MLP(features=(cfg.hidden, cfg.hidden, split.num_classes))
-      desc = f"MLP 64-{cfg.hidden}-{cfg.hidden}-10, B={cfg.batch_size}"
-    else:
-      model = models.CNN(features=(16, 32), num_classes=split.num_classes)
-      desc = f"CNN conv16-conv32/2-dense, B={cfg.batch_size}"
-    params = model.init(key, split.X_train[:1])["params"]
+def setup(name: str, cfg: BenchConfig) -> Setup:
+  """The bench's problem ``name`` (larger than the fidelity report's) and a
+  random batch of it.
 
-    def pel(p, x, y):
-      return models.cross_entropy(model.apply({"params": p}, x), y)
-
-    return _Setup(name, params, pel,
-                  (jnp.asarray(split.X_train[ids]), jnp.asarray(split.y_train[ids])),
-                  (split.X_train, split.y_train),
-                  (jnp.asarray(split.X_val), jnp.asarray(split.y_val)), desc)
-  if name == "transformer":
-    split = data.load_text_split(seed=cfg.seed, seq_len=cfg.seq_len,
-                                 val_size=max(cfg.val_sizes))
-    rng = np.random.default_rng(cfg.seed)
-    ids = rng.choice(len(split.tokens_train), cfg.text_batch_size,
-                     replace=cfg.text_batch_size > len(split.tokens_train))
-    model = models.CharTransformer(vocab_size=split.vocab_size, d_model=64,
-                                   num_heads=4, max_len=cfg.seq_len,
-                                   positions="embed")
-    params = model.init(key, split.tokens_train[:1])["params"]
-
-    def pel(p, tok, tgt):
-      return models.token_cross_entropy(model.apply({"params": p}, tok), tgt)
-
-    return _Setup(
-        name, params, pel,
-        (jnp.asarray(split.tokens_train[ids]), jnp.asarray(split.targets_train[ids])),
-        (split.tokens_train, split.targets_train),
-        (jnp.asarray(split.tokens_val), jnp.asarray(split.targets_val)),
-        f"char transformer d=64, 2 layers, 4 heads, T={cfg.seq_len}, "
-        f"B={cfg.text_batch_size}")
-  raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+  Raises:
+    ValueError: an unknown name.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+  text = name == "transformer"
+  sizes = problems.Sizes(
+      mlp_hidden=(cfg.hidden, cfg.hidden), cnn_features=(16, 32), d_model=64,
+      num_heads=4, seq_len=cfg.seq_len, val_seq_len=None, max_len=cfg.seq_len,
+      positions="embed")
+  problem = problems.make(name, cfg.seed, max(cfg.val_sizes), sizes)
+  b = cfg.text_batch_size if text else cfg.batch_size
+  n = problem.num_examples
+  ids = np.random.default_rng(cfg.seed).choice(n, b, replace=b > n)
+  return Setup(problem, tuple(jnp.asarray(x[ids]) for x in problem.inputs))
 
 
-def _steps(s: _Setup, v: int, modes, lr=1e-3) -> dict[str, tuple[Callable, tuple]]:
+def _steps(s: Setup, v: int, modes, lr=1e-3) -> dict[str, tuple[Callable, tuple]]:
   """Jittable step functions ``(params, opt_state, *batch) -> (params,
   opt_state)`` and their initial ``(params, opt_state)``."""
-  pel = s.per_example_loss
-  b = jax.tree.leaves(s.batch)[0].shape[0]
-  val = tuple(x[:v] for x in s.val_inputs)
-  val_loss = lambda p: pel(p, *val)
+  prob = s.problem.with_val_size(v)
+  pel, params, b = prob.per_example_loss, prob.params, s.batch_size
+  val_loss = prob.val_loss
   adam = optax.adam(lr)
   out = {}
   if "plain" in modes:
-    out["plain"] = (plain_step(pel, adam), (s.params, adam.init(s.params)))
+    out["plain"] = (plain_step(pel, adam), (params, adam.init(params)))
   ids = jnp.arange(b, dtype=jnp.int32)
   for mode in ("exact", "auto", "ghost", "bf16"):
     if mode not in modes:
@@ -156,7 +137,7 @@ def _steps(s: _Setup, v: int, modes, lr=1e-3) -> dict[str, tuple[Callable, tuple
       _, g, f = capture(p, *batch)
       u, st = tx.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)
       return optax.apply_updates(p, u), st
-    out[mode] = (attributed, (s.params, tx.init(s.params)))
+    out[mode] = (attributed, (params, tx.init(params)))
   if "naive" in modes:
     def naive(p, st, *batch):
       st, values = st
@@ -167,13 +148,13 @@ def _steps(s: _Setup, v: int, modes, lr=1e-3) -> dict[str, tuple[Callable, tuple
       update_of = lambda gg: adam.update(gg, st, p)[0]
       u_g, new_st = adam.update(g, st, p)
       u_0 = update_of(jax.tree.map(jnp.zeros_like, g))
-      mid = metrics.evaluation_point("midpoint", p, u_g, u_0)
+      mid = estimators.MIDPOINT.point(p, u_g, u_0)
       vg = jax.grad(lambda q: jnp.mean(val_loss(q)))(mid)
       d = metrics.secant_direction(update_of, g, u_g, u_0, vg)
       phi = sum(jnp.tensordot(x, dd, axes=dd.ndim) / b
                 for x, dd in zip(jax.tree.leaves(pe), jax.tree.leaves(d)))
       return optax.apply_updates(p, u_g), (new_st, values + phi)
-    out["naive"] = (naive, (s.params, (adam.init(s.params), jnp.zeros(b))))
+    out["naive"] = (naive, (params, (adam.init(params), jnp.zeros(b))))
   return out
 
 
@@ -198,18 +179,23 @@ def plain_step(per_example_loss: Callable, adam) -> Callable:
   return step
 
 
-def warm_adam_state(s: _Setup, adam, steps: int = 30, seed: int = 0):
+def warm_adam_state(s: Setup, adam, steps: int = 30, seed: int = 0):
   """``(params, adam_state)`` after ``steps`` plain steps of ``adam`` on
   random training batches of the setup's batch size."""
-  b = jax.tree.leaves(s.batch)[0].shape[0]
-  rng = np.random.default_rng(seed)
-  n = len(s.train_inputs[0])
-  step = jax.jit(plain_step(s.per_example_loss, adam))
-  p, st = s.params, adam.init(s.params)
-  for _ in range(steps):
-    ids = rng.choice(n, b, replace=b > n)
-    p, st = step(p, st, *(jnp.asarray(x[ids]) for x in s.train_inputs))
+  prob = s.problem
+  step = jax.jit(plain_step(prob.per_example_loss, adam))
+  p, st = prob.params, adam.init(prob.params)
+  for batch in _random_batches(s, steps, seed):
+    p, st = step(p, st, *batch)
   return p, st
+
+
+def _random_batches(s: Setup, count: int, seed: int) -> list[tuple]:
+  """``count`` random training batches of the setup's batch size."""
+  b, n, inputs = s.batch_size, s.problem.num_examples, s.problem.inputs
+  rng = np.random.default_rng(seed)
+  return [tuple(jnp.asarray(x[ids]) for x in inputs)
+          for ids in (rng.choice(n, b, replace=b > n) for _ in range(count))]
 
 
 def time_interleaved(compiled: dict[str, Callable], args: dict[str, tuple],
@@ -236,15 +222,10 @@ def time_interleaved(compiled: dict[str, Callable], args: dict[str, tuple],
   return {m: statistics.median(t) for m, t in times.items()}
 
 
-def bench_one(s: _Setup, v: int, cfg: BenchConfig) -> dict:
+def bench_one(s: Setup, v: int, cfg: BenchConfig) -> dict:
   """Times every mode of ``cfg`` for one model and validation size."""
   steps = _steps(s, v, cfg.modes)
-  b = jax.tree.leaves(s.batch)[0].shape[0]
-  rng = np.random.default_rng(cfg.seed)
-  n = len(s.train_inputs[0])
-  warm = [tuple(jnp.asarray(x[ids]) for x in s.train_inputs)
-          for ids in (rng.choice(n, b, replace=b > n)
-                      for _ in range(cfg.train_steps))]
+  warm = _random_batches(s, cfg.train_steps, cfg.seed)
   compiled, args, compile_s, memory = {}, {}, {}, {}
   for mode, (fn, init) in steps.items():
     t0 = time.perf_counter()
@@ -265,8 +246,9 @@ def bench_one(s: _Setup, v: int, cfg: BenchConfig) -> dict:
         memory_vs_plain=(memory[m] / memory["plain"]
                          if memory.get(m) and memory.get("plain") else None),
         speedup_vs_naive=med["naive"] / med[m] if "naive" in med else None)
-  return dict(model=s.name, description=s.description, batch_size=b,
-              val_size=v, limit=b / (b + v), modes=rows)
+  b = s.batch_size
+  return dict(model=s.problem.name, description=f"{s.problem.description}, B={b}",
+              batch_size=b, val_size=v, limit=b / (b + v), modes=rows)
 
 
 def run_bench(cfg: BenchConfig = BenchConfig(), out_dir: str | None = "runs/bench",
@@ -276,7 +258,7 @@ def run_bench(cfg: BenchConfig = BenchConfig(), out_dir: str | None = "runs/benc
                 backend=jax.default_backend(),
                 device=str(jax.devices()[0].device_kind), results=[])
   for name in cfg.models:
-    s = _setup(name, cfg)
+    s = setup(name, cfg)
     for v in cfg.val_sizes:
       r = bench_one(s, v, cfg)
       report["results"].append(r)

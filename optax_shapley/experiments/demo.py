@@ -36,9 +36,9 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley.data import flip_labels, load_digits_split
+from optax_shapley.experiments.data import flip_labels, load_digits_split
 from optax_shapley.experiments import reports
-from optax_shapley.models import MLP, cross_entropy
+from optax_shapley.experiments.models import MLP, cross_entropy
 
 __all__ = ["ESTIMATORS", "run_demo"]
 
@@ -74,7 +74,7 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, *, epochs: int = 20,
     val_size: size of the clean validation split (the value target).
     test_size: test split, count or fraction.
     num_lowest: how many lowest-valued images ``lowest.png`` shows.
-    progress: show a tqdm progress bar.
+    progress: show progress (:class:`optax_shapley.Progress`).
     verbose: print the summary.
 
   Returns:
@@ -121,22 +121,15 @@ def run_demo(out_dir: str = "runs/demo", seed: int = 0, *, epochs: int = 20,
   X_tr = jnp.asarray(split.X_train)
   y_tr = jnp.asarray(y_given)
   rng = np.random.default_rng(seed)
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=epochs * steps_per_epoch, desc="demo", unit="step",
-               leave=False)
-  for epoch in range(epochs):
+  bar = oxs.Progress(total=epochs * steps_per_epoch, batch_size=B,
+                     enabled=progress, desc="demo")
+  for _ in range(epochs):
     perm = rng.permutation(N)[: steps_per_epoch * B].reshape(steps_per_epoch, B)
     for ids_np in perm:
       ids = jnp.asarray(ids_np, jnp.int32)
-      params, state, loss = step(params, state, X_tr[ids], y_tr[ids], ids)
-      if bar is not None:
-        bar.update(1)
-    if bar is not None:
-      bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
-  if bar is not None:
-    bar.close()
+      params, state, _ = step(params, state, X_tr[ids], y_tr[ids], ids)
+      bar.update(state)
+  bar.close()
 
   oxs.check(state)
   vals = np.asarray(oxs.values(state), np.float64).reshape(N, len(ESTIMATORS))

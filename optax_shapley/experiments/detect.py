@@ -46,9 +46,9 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import data
+from optax_shapley.experiments import data
 from optax_shapley.experiments import reports
-from optax_shapley.models import MLP, cross_entropy
+from optax_shapley.experiments.models import MLP, cross_entropy
 
 __all__ = ["Config", "Attribution", "attribute", "suspicion_scores",
            "run_detect", "CORRUPTIONS"]
@@ -64,7 +64,7 @@ class Config:
   """One detection run.
 
   Attributes:
-    dataset: one of :data:`optax_shapley.data.TABULAR_DATASETS`.
+    dataset: one of :data:`optax_shapley.experiments.data.TABULAR_DATASETS`.
     corruption: ``"flip"`` (labels to a uniformly drawn wrong class) or
       ``"noise"`` (inputs replaced by Gaussian noise of each feature's mean
       and standard deviation, labels kept).
@@ -221,11 +221,8 @@ def attribute(cfg: Config, progress: bool = False) -> Attribution:
   marks = set(np.linspace(cfg.epochs, 0, cfg.checkpoints, endpoint=False)
               .round().astype(int).tolist())
   rng = np.random.default_rng(cfg.seed)
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.epochs * (N // B), desc=f"detect {cfg.dataset}",
-               unit="step", leave=False)
+  bar = oxs.Progress(total=cfg.epochs * (N // B), batch_size=B,
+                     enabled=progress, desc=f"detect {cfg.dataset}")
   t = 0
   for epoch in range(1, cfg.epochs + 1):
     for ids_np in epoch_batches(rng, N, B):
@@ -234,12 +231,10 @@ def attribute(cfg: Config, progress: bool = False) -> Attribution:
       params, state, loss_sum = fn(params, state, loss_sum, X_tr[ids],
                                    y_tr[ids], ids)
       t += 1
-      if bar is not None:
-        bar.update(1)
+      bar.update(state)
     if epoch in marks:
       tracin += np.asarray(tracin_scores(params, X_tr, y_tr), np.float64)
-  if bar is not None:
-    bar.close()
+  bar.close()
   oxs.check(state)
   vals = np.asarray(oxs.values(state), np.float64)
   if not np.all(np.isfinite(vals)):

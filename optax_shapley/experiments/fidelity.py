@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,10 +42,11 @@ import numpy as np
 import optax
 
 import optax_shapley as oxs
-from optax_shapley import data, models, truth
+from optax_shapley import shapley, truth
+from optax_shapley.experiments import problems
 from optax_shapley.experiments import reports
 
-MODELS = ("mlp", "cnn", "transformer")
+MODELS = problems.MODELS
 DEFAULT_STEPS = (1, 2, 3, 6, 21, 101, 301, 1001)
 # Every one-direction metric at every evaluation point, plus the two
 # per-example-gradient references: exact removal at the end (leave-one-out)
@@ -56,7 +56,6 @@ ESTIMATORS = tuple((m, e) for m in ("sgd", "fixed_state", "linearized", "secant"
                        ("removal", "end"), ("coalitions", "midpoint"))
 # Estimators whose semantics is leave-one-out rather than Shapley.
 LOO_ESTIMATORS = (("linearized", "end"), ("removal", "end"))
-EXACT_MAX_PLAYERS = 12
 # The whole-run row of the default estimator with step 1 by coalitions.
 FIRST_STEP_SWAP = "secant@midpoint, step 1 by coalitions"
 
@@ -125,58 +124,13 @@ class Config:
           f"batch_size ({self.batch_size})")
 
 
-@dataclasses.dataclass
-class Problem:
-  """A model, its data and its losses.  ``inputs``: per-example arrays with
-  the example on axis 0 (``N`` rows), passed to ``per_example_loss``."""
-  name: str
-  description: str
-  params: Any
-  per_example_loss: Callable[..., jax.Array]
-  val_loss: Callable[[Any], jax.Array]
-  inputs: tuple[np.ndarray, ...]
-
-  @property
-  def num_examples(self) -> int:
-    return len(self.inputs[0])
+Problem = problems.Problem
 
 
 def make_problem(name: str, seed: int = 0, val_size: int | None = None) -> Problem:
-  """The bundled fidelity models: ``"mlp"``, ``"cnn"`` or ``"transformer"``."""
-  key = jax.random.key(seed)
-  if name in ("mlp", "cnn"):
-    split = data.load_digits_split(seed=seed, val_size=val_size or 100)
-    if name == "mlp":
-      model = models.MLP(features=(32, split.num_classes))
-      desc = "MLP 64-32-10 on scikit-learn digits"
-    else:
-      model = models.CNN(num_classes=split.num_classes)
-      desc = "CNN (conv 3x3x8, conv 3x3x16 stride 2, dense) on scikit-learn digits"
-    params = model.init(key, split.X_train[:1])["params"]
-
-    def pel(p, x, y):
-      return models.cross_entropy(model.apply({"params": p}, x), y)
-
-    xv, yv = jnp.asarray(split.X_val), jnp.asarray(split.y_val)
-    return Problem(name, f"{desc}, {len(yv)} validation images", params, pel,
-                   lambda p: pel(p, xv, yv), (split.X_train, split.y_train))
-  if name == "transformer":
-    split = data.load_text_split(seed=seed, seq_len=16, val_seq_len=12,
-                                 val_size=val_size or 32)
-    model = models.CharTransformer(vocab_size=split.vocab_size, d_model=32,
-                                   max_len=32)
-    params = model.init(key, split.tokens_train[:1])["params"]
-
-    def pel(p, tok, tgt):
-      return models.token_cross_entropy(model.apply({"params": p}, tok), tgt)
-
-    vt, vy = jnp.asarray(split.tokens_val), jnp.asarray(split.targets_val)
-    return Problem(
-        name, "2-layer character transformer (d=32, 2 heads, tied embedding, "
-        f"learned positions) on stdlib source, train T=16, {len(vt)} "
-        "validation sequences of T=12", params, pel, lambda p: pel(p, vt, vy),
-        (split.tokens_train, split.targets_train))
-  raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+  """The bundled fidelity models: ``"mlp"``, ``"cnn"`` or ``"transformer"``
+  at the sizes of :class:`problems.Sizes`' defaults."""
+  return problems.make(name, seed, val_size)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -204,7 +158,7 @@ def shapley_truth(utility, num_players: int, key, target_se: float = 0.02,
   Returns:
     ``(values f64[n], stderr f64[n], method, permutations)``.
   """
-  if method == "exact" or (method == "auto" and num_players <= EXACT_MAX_PLAYERS):
+  if method == "exact" or (method == "auto" and num_players <= shapley.EXACT_MAX_PLAYERS):
     v = truth.exact_shapley(utility, num_players)
     return v, np.zeros(num_players), "exact", 0
   total, mean, var, used = 0, None, None, 0
@@ -313,17 +267,14 @@ def run_model(problem: Problem, cfg: Config, progress: bool = False) -> dict:
   key = jax.random.key(cfg.seed)
   last = max(cfg.steps)
   steps_out = []
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=last, desc=problem.name, unit="step", leave=False)
+  bar = oxs.Progress(total=last, batch_size=b, enabled=progress,
+                     desc=problem.name)
   for t in range(1, last + 1):
     ids = rng.choice(n, b, replace=False)
     batch = tuple(jnp.asarray(a[ids]) for a in problem.inputs)
     if t not in cfg.steps:
       params, state = run.plain_step(params, state, *batch)
-      if bar is not None:
-        bar.update(1)
+      bar.update()
       continue
     key, sub = jax.random.split(key)
     gt = _ground_truth(problem, run.inner, params, state, batch, sub, cfg)
@@ -339,10 +290,8 @@ def run_model(problem: Problem, cfg: Config, progress: bool = False) -> dict:
         estimators=step_report(values, shap, gt["loo"], gt["whole"]),
         shapley=shap.tolist(), leave_one_out=gt["loo"].tolist(),
         values=values.tolist()))
-    if bar is not None:
-      bar.update(1)
-  if bar is not None:
-    bar.close()
+    bar.update(state)
+  bar.close()
   oxs.check(state)
   accumulated = (run_accumulation(problem, cfg, progress)
                  if cfg.accumulate_epochs else None)
@@ -385,11 +334,8 @@ def run_accumulation(problem: Problem, cfg: Config,
   per_epoch = n // b
   total = per_epoch * cfg.accumulate_epochs
   acc_truth = np.zeros(n)
-  bar = None
-  if progress:
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc=f"{problem.name} whole run", unit="step",
-               leave=False)
+  bar = oxs.Progress(total=total, batch_size=b, enabled=progress,
+                     desc=f"{problem.name} whole run")
   t = 0
   for _ in range(cfg.accumulate_epochs):
     order = rng.permutation(n)
@@ -405,10 +351,8 @@ def run_accumulation(problem: Problem, cfg: Config,
       if t == 1:
         first_truth = acc_truth.copy()
         first_values = np.asarray(oxs.values(state), np.float64)
-      if bar is not None:
-        bar.update(1)
-  if bar is not None:
-    bar.close()
+      bar.update(state)
+  bar.close()
   oxs.check(state)
   acc_values = np.asarray(oxs.values(state), np.float64)
   later_truth, later_values = acc_truth - first_truth, acc_values - first_values

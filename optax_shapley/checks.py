@@ -1,0 +1,184 @@
+"""Checks of a step's credit: bad input, non-finite values, the add-up check.
+
+A step whose credit fails a check adds nothing to the values table; the
+reasons are kept as bits of ``ShapleyState.error`` (:data:`STEP_ERRORS`) and
+:func:`describe` turns them into the message of
+:func:`optax_shapley.check`.  Input that is wrong at trace time (or concrete
+and wrong) raises at once, before anything is accumulated.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_shapley.factors import Factors
+
+
+class StepError(NamedTuple):
+  """One reason a step's credit was skipped: a bit of ``ShapleyState.error``."""
+  bit: int
+  text: str
+
+
+ID_OUT_OF_RANGE = StepError(
+    1, "an example id was out of range [0, num_examples)")
+DUPLICATE_ID = StepError(2, "an example id appeared twice in one batch")
+NON_FINITE = StepError(
+    4, "a step value was NaN or infinite (NaN/inf loss, gradient or "
+    "validation loss)")
+CAPTURE_MISMATCH = StepError(
+    8, "the per-example values did not add up to grads . d: the grads passed "
+    "to update are not the gradient of the batch the factors came from, or "
+    "the model uses a parameter outside the module calls the capture saw "
+    "(e.g. an L2 penalty or a kernel read directly); please report the model")
+#: Every reason, in bit order.
+STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH)
+
+# sum_i x_i . d must equal grads . d (the x_i add up to the batch gradient);
+# a larger relative gap means the capture missed a use of some parameter.
+CAPTURE_RTOL = 1e-2
+# Largest relative distance of the received gradient from c * (the batch
+# gradient of the factors) for the rescaling to count as one scalar.
+RESCALE_RTOL = 1e-4
+
+
+def bits(error: StepError, flag) -> jax.Array:
+  """int32: ``error.bit`` where ``flag`` is true, else 0."""
+  return jnp.asarray(flag).astype(jnp.int32) * error.bit
+
+
+def describe(error: int, skipped: int) -> str | None:
+  """The message for an error bitmask, or ``None`` when it is 0."""
+  if not error:
+    return None
+  reasons = "; ".join(e.text for e in STEP_ERRORS if error & e.bit)
+  return (f"{skipped} step(s) were not credited: {reasons}. The values of "
+          "the other steps are unaffected.")
+
+
+def update_arguments(params, factors, example_ids, val_loss,
+                     num_examples: int) -> jax.Array:
+  """Checks the arguments of ``tx.update``; returns ``example_ids`` as an
+  array.
+
+  Raises:
+    ValueError: ``params``, ``factors``, ``example_ids`` or ``val_loss``
+      missing; ids of the wrong shape or dtype; concrete ids out of range or
+      repeated.
+    TypeError: ``val_loss`` is not callable.
+  """
+  if params is None:
+    raise ValueError(
+        "with_shapley needs params (tx.update(grads, state, params, ...))")
+  if not isinstance(factors, Factors):
+    raise ValueError("tx.update needs factors=..., from "
+                     "optax_shapley.value_grad_and_factors on the same batch")
+  if example_ids is None or val_loss is None:
+    raise ValueError("tx.update needs example_ids=... and val_loss=...")
+  if not callable(val_loss):
+    raise TypeError(
+        "val_loss must be a function params -> f32[V] of per-example "
+        f"validation losses, got {type(val_loss).__name__}")
+  ids = jnp.asarray(example_ids)
+  if ids.shape != (factors.batch_size,):
+    raise ValueError(
+        f"example_ids has shape {ids.shape} but the factors are for "
+        f"a batch of {factors.batch_size} examples")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"example_ids must be integers, got {ids.dtype}")
+  if not isinstance(example_ids, jax.core.Tracer):
+    a = np.asarray(example_ids)
+    bad = a[(a < 0) | (a >= num_examples)]
+    if bad.size:
+      raise ValueError(
+          f"example id {int(bad[0])} out of range [0, {num_examples})")
+    uniq, counts = np.unique(a, return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(f"example id {int(uniq[counts > 1][0])} appears more "
+                       "than once in the batch")
+  return ids
+
+
+def step_error(ids, step_vals, num_examples: int) -> jax.Array:
+  """int32 bitmask of the in-graph checks of ids and values; 0 when valid."""
+  out_of_range = jnp.any((ids < 0) | (ids >= num_examples))
+  s = jnp.sort(ids)
+  dup = jnp.any(s[1:] == s[:-1]) if ids.shape[0] > 1 else jnp.array(False)
+  return (bits(ID_OUT_OF_RANGE, out_of_range) | bits(DUPLICATE_ID, dup)
+          | bits(NON_FINITE, ~jnp.all(jnp.isfinite(step_vals))))
+
+
+def all_finite(tree) -> jax.Array:
+  """bool[]: every entry of every inexact leaf of ``tree`` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+                           or [jnp.array(True)]))
+
+
+def upstream_scale(grads, factors: Factors, axis_name, divisor):
+  """``(divisor / c, error)`` where ``grads = c * factors.grads``.
+
+  When ``tx.update`` receives exactly the arrays ``value_grad_and_factors``
+  returned (the usual case, decided at trace time) ``c = 1`` and nothing is
+  computed.  Otherwise (a transformation earlier in an ``optax.chain``
+  changed them) ``c = <g', g> / <g, g>``, and ``error`` is
+  :data:`CAPTURE_MISMATCH` unless ``|g' - c g| <= RESCALE_RTOL |g'|``: a
+  global scalar (``clip_by_global_norm``) is this step's fixed factor on
+  every share; anything else cannot be attributed from these factors.
+  Under data parallelism (``axis_name``) the received gradient is a
+  reduction of the local ones, so it is never compared.
+  """
+  none = jnp.zeros([], jnp.int32)
+  ref = factors.grads
+  if ref is None or axis_name is not None:
+    return divisor, none
+  got, want = jax.tree.leaves(grads), jax.tree.leaves(ref)
+  if len(got) != len(want) or all(a is b for a, b in zip(got, want)):
+    return divisor, none
+  dot = lambda xs, ys: sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+                           for x, y in zip(xs, ys))
+  gg = dot(want, want)
+  c = jnp.where(gg > 0, dot(got, want) / jnp.where(gg > 0, gg, 1.0), 1.0)
+  resid = dot([a - c * b for a, b in zip(got, want)],
+              [a - c * b for a, b in zip(got, want)])
+  bad = resid > (RESCALE_RTOL ** 2) * dot(got, got)
+  return divisor / c, bits(CAPTURE_MISMATCH, bad)
+
+
+def add_up_error(step_vals, grads, directions, axis_name=None,
+                 skip_leaves=(), extra_expected=None,
+                 g_dot: Callable | None = None) -> jax.Array:
+  """:data:`CAPTURE_MISMATCH` unless ``sum_i x_i . d_e = g . d_e`` for all e.
+
+  The per-example shares ``x_i`` sum to the batch gradient ``g``, so the
+  values of a step must sum to ``g . d``; one dot product per estimator.
+  ``step_vals`` f32[B_local, E]; sums run over ``axis_name`` when given.
+  Leaves in ``skip_leaves`` (ghost kernels) contribute ``extra_expected``
+  f32[E] instead of ``g . d``.  ``g_dot``, when given, maps the directions
+  to trees of per-leaf f32[E] ``g . d`` and bounds on their rounding error
+  (:func:`optax_shapley.adam_state.adam_gradient_dot`, ``g`` read back from
+  Adam's moments); it replaces the dot products with ``grads`` and the
+  bounds widen the tolerance ``CAPTURE_RTOL * (sum_i |x_i . d| + |g . d|)``.
+  """
+  skip = frozenset(skip_leaves)
+  slack = 0.0
+  if g_dot is not None:
+    dots, errs = (jax.tree.leaves(t) for t in g_dot(directions))
+    slack = sum(errs)      # ghost kernels read the same recovered g
+  else:
+    dots = [jnp.tensordot(d, g.astype(jnp.float32), axes=g.ndim)
+            for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(directions))]
+  expected = sum(x for n, x in enumerate(dots) if n not in skip)
+  if extra_expected is not None:
+    expected = expected + extra_expected
+  total = jnp.sum(step_vals, axis=0)
+  size = jnp.sum(jnp.abs(step_vals), axis=0)
+  if axis_name is not None:
+    total, size = jax.lax.psum((total, size), axis_name)
+  size = size + jnp.abs(expected)
+  bad = jnp.any(jnp.abs(total - expected) > CAPTURE_RTOL * size + slack)
+  return bits(CAPTURE_MISMATCH, bad)

@@ -1,0 +1,296 @@
+"""Estimators: a metric ``D_t`` and an evaluation point ``wbar_t``, as objects.
+
+Every estimator credits example ``i`` at step ``t`` with (or, for the two
+metrics that form per-example gradients, instead of)::
+
+    phi_{t,i} ~= x_i . d_t,    d_t = -D_t^T grad L(wbar_t),    x_i = c grad l_i(w_t)
+
+A :class:`Metric` owns everything about one ``D_t``: its name, which
+hyperparameters it needs, whether it needs the momentum-only step ``u(0)``,
+whether it is elementwise (``d = S * v``, so the ghost rule can factor
+``S``), and how it computes its scale, its direction or its values.  An
+:class:`Evaluation` owns one ``wbar_t``.  :data:`METRICS` and
+:data:`EVALUATIONS` list them by name; adding a metric is one object here and
+one entry in :data:`METRICS`.  The maths are in :mod:`optax_shapley.metrics`
+and :mod:`optax_shapley.adam_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_shapley import adam_state, metrics
+
+
+class Settings(NamedTuple):
+  """What the transformation knows when it is built (static).
+
+  Attributes:
+    learning_rate: ``eta`` (a float or an optax schedule), or ``None``.
+    b1, b2, eps: Adam's hyperparameters, or ``None``.
+    fixed_state_previous: ``fixed_state`` reads ``vhat_{t-1}``.
+    elementwise: the optimizer acts coordinate-wise.
+    adam_closed_form: the optimizer is ``optax.adam``/``adamw`` with these
+      hyperparameters, so the secant metric has a closed form.
+    secant_nodes: Gauss-Legendre nodes of the secant for optimizers that mix
+      coordinates.
+    coalition_permutations: permutations per step of ``"coalitions"``.
+  """
+  learning_rate: Any = None
+  b1: float | None = None
+  b2: float | None = None
+  eps: float | None = None
+  fixed_state_previous: bool = False
+  elementwise: bool = False
+  adam_closed_form: bool = False
+  secant_nodes: int = 3
+  coalition_permutations: int = 64
+
+
+class Step(NamedTuple):
+  """One training step's quantities that an estimator may read (traced).
+
+  Attributes:
+    grads: ``g``, the batch gradient as the optimizer received it.
+    late_grads: ``g`` for use after the update: read back from Adam's
+      moments where that saves memory (:func:`adam_state.adam_gradient`),
+      else ``grads``.
+    update_of: ``g -> u(g)``, the optimizer's update with its state frozen.
+    u_g: ``u(g)``, the update really applied.
+    u_0: ``u(0)``, the momentum-only step, or ``None`` when no estimator of
+      the run needs it.
+    prev_state, new_state: the optimizer state before and after the step.
+    eta: ``eta_t``, f32[], or ``None`` without a learning rate.
+    count: int32[], steps taken before this one.
+    axis_name: the data-parallel axis, or ``None``.
+  """
+  grads: Any
+  late_grads: Any
+  update_of: Callable[[Any], Any]
+  u_g: Any
+  u_0: Any
+  prev_state: Any
+  new_state: Any
+  eta: Any
+  count: jax.Array
+  axis_name: str | None
+
+
+def _never(settings: Settings) -> bool:
+  del settings
+  return False
+
+
+def _always(settings: Settings) -> bool:
+  del settings
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """One metric ``D_t``.
+
+  Attributes:
+    name: what ``with_shapley(metric=...)`` calls it.
+    requires: the :class:`Settings` fields it needs (``with_shapley``
+      raises if one is ``None``).
+    needs_zero_update: ``settings -> bool``, whether it reads ``u(0)``.
+    is_elementwise: ``settings -> bool``, whether ``D_t`` is diagonal there,
+      so that ``d = S * v`` with ``S = scale(settings, step)``.
+    scale: ``(settings, step) -> S``, a tree like the parameters.
+    direction: ``(settings, step, v) -> d`` where it is not elementwise.
+    values: ``(settings, step, shares, v) -> f32[B]`` for a metric that is
+      not linear in ``x_i`` (it forms the per-example gradient shares
+      ``x_i``, leaves ``[B, ...]``: ``B`` times the parameters' memory);
+      ``None`` for the one-direction metrics.
+  """
+  name: str
+  requires: tuple[str, ...] = ()
+  needs_zero_update: Callable[[Settings], bool] = _never
+  is_elementwise: Callable[[Settings], bool] = _never
+  scale: Callable[[Settings, Step], Any] | None = None
+  direction: Callable[[Settings, Step, Any], Any] | None = None
+  values: Callable[[Settings, Step, Any, Any], jax.Array] | None = None
+
+  @property
+  def linear(self) -> bool:
+    """``phi_i = x_i . d``: one direction per step, no per-example gradient."""
+    return self.values is None
+
+
+def _fixed_state_scale(settings: Settings, step: Step):
+  return adam_state.fixed_state_scale(
+      step.grads, adam_state.find_adam_state(step.new_state),
+      learning_rate=step.eta, b1=settings.b1, b2=settings.b2,
+      eps=settings.eps, previous=settings.fixed_state_previous,
+      prev_state=adam_state.find_adam_state(step.prev_state))
+
+
+def _secant_scale(settings: Settings, step: Step):
+  if settings.adam_closed_form:
+    return adam_state.adam_secant_scale(
+        step.late_grads, adam_state.find_adam_state(step.prev_state),
+        learning_rate=step.eta, b1=settings.b1, b2=settings.b2,
+        eps=settings.eps)
+  return metrics.secant_scale(step.update_of, step.grads, step.u_g, step.u_0)
+
+
+def _coalition_values(settings: Settings, step: Step, shares, v):
+  """Coalitions span the global batch, so under data parallelism the shares
+  are all-gathered (``B_global`` times the parameters' memory on every
+  device) and each device keeps its own slice."""
+  key = jax.random.fold_in(jax.random.key(0), step.count)
+  run = lambda s: metrics.coalition_values(
+      step.update_of, step.u_0, s, v, key,
+      num_permutations=settings.coalition_permutations)
+  if step.axis_name is None:
+    return run(shares)
+  local = jax.tree.leaves(shares)[0].shape[0]
+  full = jax.tree.map(
+      lambda x: jax.lax.all_gather(x, step.axis_name, tiled=True), shares)
+  start = jax.lax.axis_index(step.axis_name) * local
+  return jax.lax.dynamic_slice_in_dim(run(full), start, local)
+
+
+#: First-order In-Run Data Shapley / TracIn: ``D = -eta I``.
+SGD = Metric(
+    name="sgd", requires=("learning_rate",), is_elementwise=_always,
+    scale=lambda s, step: metrics.sgd_scale(step.grads, learning_rate=step.eta))
+
+#: The paper's Adam-aware metric, moments frozen
+#: (:func:`adam_state.fixed_state_scale`).
+FIXED_STATE = Metric(
+    name="fixed_state", requires=("learning_rate", "b1", "b2", "eps"),
+    is_elementwise=_always, scale=_fixed_state_scale)
+
+#: The exact Jacobian ``du/dg`` at ``g_t`` (:func:`metrics.linearized_direction`).
+LINEARIZED = Metric(
+    name="linearized", is_elementwise=lambda s: s.elementwise,
+    scale=lambda s, step: metrics.linearized_scale(step.update_of, step.grads),
+    direction=lambda s, step, v: metrics.linearized_direction(
+        step.update_of, step.grads, v))
+
+#: The ray average of the Jacobian (Aumann-Shapley), the default
+#: (:func:`metrics.secant_direction`, :func:`adam_state.adam_secant_scale`).
+SECANT = Metric(
+    name="secant", needs_zero_update=lambda s: not s.adam_closed_form,
+    is_elementwise=lambda s: s.elementwise, scale=_secant_scale,
+    direction=lambda s, step, v: metrics.secant_direction(
+        step.update_of, step.grads, step.u_g, step.u_0, v, elementwise=False,
+        nodes=s.secant_nodes))
+
+#: Each example's share taken out of the real update
+#: (:func:`metrics.removal_values`).
+REMOVAL = Metric(
+    name="removal",
+    values=lambda s, step, shares, v: metrics.removal_values(
+        step.update_of, step.grads, step.u_g, shares, v))
+
+#: Shapley values of the real update re-run on coalitions
+#: (:func:`metrics.coalition_values`).
+COALITIONS = Metric(name="coalitions", needs_zero_update=_always,
+                    values=_coalition_values)
+
+#: Every metric, by name.
+METRICS: dict[str, Metric] = {
+    m.name: m for m in (SGD, FIXED_STATE, LINEARIZED, SECANT, REMOVAL,
+                        COALITIONS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """One evaluation point ``wbar_t``.
+
+  Attributes:
+    name: what ``with_shapley(evaluation=...)`` calls it.
+    needs_zero_update: whether it reads ``u(0)``.
+    point: ``(params, u_g, u_0) -> wbar_t``.
+  """
+  name: str
+  needs_zero_update: bool
+  point: Callable[[Any, Any, Any], Any]
+
+
+#: ``w_t``: first-order Taylor (the paper; In-Run Data Shapley).
+START = Evaluation("start", False, lambda params, u_g, u_0: params)
+
+#: ``w_t + (u(0) + u(g)) / 2``: exact Shapley when ``L`` is quadratic along
+#: the step (the second-order In-Run term at first-order cost).
+MIDPOINT = Evaluation(
+    "midpoint", True, lambda params, u_g, u_0: optax.apply_updates(
+        params, jax.tree.map(lambda a, b: (a + b) / 2, u_0, u_g)))
+
+#: ``w_t + u(g)``: leave-one-out (with ``removal``, or ``linearized`` to
+#: first order).
+END = Evaluation("end", False,
+                 lambda params, u_g, u_0: optax.apply_updates(params, u_g))
+
+#: Every evaluation point, by name.
+EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (START, MIDPOINT, END)}
+
+
+class Estimator(NamedTuple):
+  """A metric at an evaluation point: one column of the values."""
+  metric: Metric
+  evaluation: Evaluation
+
+  @property
+  def name(self) -> str:
+    return f"{self.metric.name}@{self.evaluation.name}"
+
+  def needs_zero_update(self, settings: Settings) -> bool:
+    return (self.metric.needs_zero_update(settings)
+            or self.evaluation.needs_zero_update)
+
+
+def _as_tuple(x) -> tuple:
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def resolve(metric: str | Sequence[str], evaluation: str | Sequence[str],
+            settings: Settings) -> tuple[Estimator, ...]:
+  """The estimators named by ``with_shapley(metric=..., evaluation=...)``.
+
+  A single name is broadcast against a tuple.
+
+  Raises:
+    ValueError: different lengths, an unknown name, or a metric whose
+      required hyperparameters are not in ``settings``.
+  """
+  ms, es = _as_tuple(metric), _as_tuple(evaluation)
+  if len(ms) != len(es) and 1 not in (len(ms), len(es)):
+    raise ValueError(
+        f"metric {metric!r} and evaluation {evaluation!r} must have the same "
+        "length, or one of them must be a single name")
+  n = max(len(ms), len(es))
+  ms, es = ms * (n // len(ms)), es * (n // len(es))
+  for m in ms:
+    if m not in METRICS:
+      raise ValueError(f"unknown metric {m!r}; choose from {tuple(METRICS)}")
+  for e in es:
+    if e not in EVALUATIONS:
+      raise ValueError(
+          f"unknown evaluation {e!r}; choose from {tuple(EVALUATIONS)}")
+  out = tuple(Estimator(METRICS[m], EVALUATIONS[e]) for m, e in zip(ms, es))
+  for est in out:
+    missing = [h for h in est.metric.requires if getattr(settings, h) is None]
+    if missing:
+      raise ValueError(f"metric {est.metric.name!r} needs "
+                       f"{', '.join(est.metric.requires)}; missing: "
+                       f"{', '.join(missing)}")
+  return out
+
+
+def learning_rate_at(learning_rate, step) -> jax.Array | None:
+  """``eta_t``: a float, or an optax schedule evaluated at the 0-based step;
+  ``None`` without a learning rate."""
+  if learning_rate is None:
+    return None
+  if callable(learning_rate):
+    return jnp.asarray(learning_rate(step), jnp.float32)
+  return jnp.asarray(learning_rate, jnp.float32)

@@ -1,0 +1,98 @@
+"""Shapley values of a utility on coalitions: enumeration and permutations.
+
+One implementation of the combinatorics, shared by the ground truth
+(:mod:`optax_shapley.truth`, float64 NumPy around a compiled utility) and the
+in-graph ``"coalitions"`` metric (:func:`optax_shapley.metrics.coalition_values`,
+inside the training step).  For ``n`` players and a utility ``U`` on subsets
+``S`` (Shapley 1953)::
+
+    phi_i = sum_{S not containing i} |S|! (n - |S| - 1)! / n! (U(S + i) - U(S))
+
+and by permutations (Castro, Gomez, Tejada 2009): ``phi_i`` is the mean over
+uniformly random orders ``pi`` of ``U(players before i, and i) -
+U(players before i)``; antithetic pairs ``(pi, reversed pi)`` reduce the
+variance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: Largest batch enumerated exactly (``2^n`` coalitions) where a method
+#: chooses between enumeration and permutation sampling: the
+#: ``"coalitions"`` metric and the fidelity report's ground truth.
+EXACT_MAX_PLAYERS = 12
+
+
+def subset_masks(num_players: int) -> np.ndarray:
+  """All coalitions, ``int64[2^n, n]``: bit ``i`` of row ``S`` = player ``i``
+  is in ``S``."""
+  n = num_players
+  return (np.arange(2 ** n, dtype=np.int64)[:, None] >> np.arange(n)) & 1
+
+
+def shapley_weights(num_players: int) -> np.ndarray:
+  """``W`` f64[2^n, n] with ``phi = W^T U`` for ``U`` on :func:`subset_masks`.
+
+  ``W[S, i] = w(|S| - 1)`` if ``i in S`` else ``-w(|S|)``, with the Shapley
+  weight ``w(s) = s! (n - s - 1)! / n!``.
+  """
+  n = num_players
+  masks = subset_masks(n).astype(bool)
+  size = masks.sum(1)
+  fact = np.array([math.factorial(k) for k in range(n + 1)], np.float64)
+  w = lambda s: fact[s] * fact[n - s - 1] / fact[n]
+  inside = w(np.clip(size - 1, 0, n - 1))[:, None]
+  outside = w(np.clip(size, 0, n - 1))[:, None]
+  return np.where(masks, inside, -outside)
+
+
+def permutations(key: jax.Array, num_permutations: int, num_players: int,
+                 antithetic: bool = True) -> jax.Array:
+  """``int32[P, n]`` random orders of the players; with ``antithetic`` rows
+  ``2k`` and ``2k + 1`` are a permutation and its reverse (``P`` even).
+  Traceable: the same draws eagerly and inside ``jit``."""
+  draws = num_permutations // 2 if antithetic else num_permutations
+  perms = jax.vmap(lambda k: jax.random.permutation(k, num_players))(
+      jax.random.split(key, draws))
+  if antithetic:
+    perms = jnp.stack([perms, perms[:, ::-1]], axis=1).reshape(
+        num_permutations, num_players)
+  return perms
+
+
+def _xp(x):
+  """NumPy for NumPy inputs (the float64 ground truth), else ``jax.numpy``."""
+  return np if isinstance(x, np.ndarray) else jnp
+
+
+def prefix_masks(ranks) -> jax.Array:
+  """``f32[P, n - 1, n]``: coalition ``k - 1`` of row ``q`` holds the first
+  ``k`` players (``k = 1 .. n - 1``) of permutation ``q``, given its ranks
+  ``ranks[q, j]`` = position of player ``j`` (``argsort`` of the
+  permutation).  ``U(empty)`` and ``U(all)`` are left to the caller."""
+  xp = _xp(ranks)
+  k = xp.arange(1, ranks.shape[-1])
+  return (ranks[:, None, :] < k[None, :, None]).astype(xp.float32)
+
+
+def permutation_marginals(ranks, u_prefix, u_empty, u_full) -> jax.Array:
+  """Each player's marginal contribution in each permutation, ``[P, n]``.
+
+  Args:
+    ranks: ``[P, n]``, position of player ``j`` in permutation ``q``.
+    u_prefix: ``[P, n - 1]``, ``U`` on :func:`prefix_masks`.
+    u_empty, u_full: ``U(empty)`` and ``U(all players)``.
+
+  Every row sums to ``u_full - u_empty`` (efficiency of each permutation).
+  NumPy in, NumPy out (float64 stays float64 outside JAX's 64-bit mode).
+  """
+  xp, p = _xp(u_prefix), ranks.shape[0]
+  chain = xp.concatenate([xp.full((p, 1), u_empty, u_prefix.dtype), u_prefix,
+                          xp.full((p, 1), u_full, u_prefix.dtype)], axis=1)
+  return (xp.take_along_axis(chain, ranks + 1, axis=1)
+          - xp.take_along_axis(chain, ranks, axis=1))

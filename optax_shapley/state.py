@@ -1,0 +1,54 @@
+"""The state of the Shapley transformation, and finding it inside a chain."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import optax
+
+
+class ShapleyState(NamedTuple):
+  """State of :func:`optax_shapley.with_shapley`.
+
+  Attributes:
+    inner_state: the wrapped optax optimizer's state.
+    values: f32[num_examples] (``[num_examples, E]`` with several estimators,
+      ``[..., K]`` with several targets): accumulated values
+      ``Phi_i = sum_t phi_{t,i}``; positive = helpful.  Zero rows with
+      ``table="none"``.
+    step_values: f32[B] (``[B, E]``, ``[B, K]`` or ``[B, E, K]`` as
+      ``values``): the last step's values, aligned with the last
+      ``example_ids`` (gathered in device order under data parallelism).
+      Zeros before the first step, NaN after a skipped step.
+    count: int32, number of steps taken.
+    skipped: int32, number of steps whose credit was skipped (see ``error``).
+    error: int32 bitmask of the reasons credit was skipped
+      (:data:`optax_shapley.checks.STEP_ERRORS`).
+  """
+  inner_state: optax.OptState
+  values: jax.Array
+  step_values: jax.Array
+  count: jax.Array
+  skipped: jax.Array
+  error: jax.Array
+
+
+def find_state(state) -> ShapleyState:
+  """The :class:`ShapleyState` itself, or the one inside a chain's state.
+
+  Raises:
+    ValueError: there is none, or several (two Shapley transformations in
+      one optimizer: which one's values are meant is ambiguous).
+  """
+  if isinstance(state, ShapleyState):
+    return state
+  is_state = lambda x: isinstance(x, ShapleyState)
+  found = [s for s in jax.tree.leaves(state, is_leaf=is_state) if is_state(s)]
+  if not found:
+    raise ValueError("no ShapleyState in this optimizer state")
+  if len(found) > 1:
+    raise ValueError(
+        f"this optimizer state holds {len(found)} ShapleyStates; pass the "
+        "one you mean (e.g. state[k] of an optax.chain)")
+  return found[0]
