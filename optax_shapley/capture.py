@@ -262,6 +262,19 @@ def value_grad_and_factors(
   ``docs/bench.md``).  ``None`` (default) keeps the computation dtype.  The
   batch gradient and the losses are not affected.
 
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import optax_shapley as oxs
+    >>> model = nn.Dense(2)
+    >>> x = jnp.ones((3, 4))
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> loss = lambda p, x: jnp.sum(model.apply({"params": p}, x) ** 2, -1)
+    >>> losses, grads, factors = oxs.value_grad_and_factors(loss)(params, x)
+    >>> losses.shape, grads["kernel"].shape
+    ((3,), (4, 2))
+    >>> factors
+    Factors(batch_size=3, calls={'Dense': 1}, fallback_leaves=0)
+
   Raises:
     ValueError: ``reduction`` or ``per_example`` unknown, or the loss is not
       of shape ``[B]``.

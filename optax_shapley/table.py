@@ -116,6 +116,15 @@ def state_partition_specs(state, axis_name: str):
 
   Use it as the state's ``in_specs``/``out_specs`` with ``table="sharded"``;
   for ``jax.jit`` build ``NamedSharding(mesh, spec)`` from it.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_shapley as oxs
+    >>> from jax.sharding import PartitionSpec as P
+    >>> tx = oxs.adam(1e-3, num_examples=8, batch_size=2, table="sharded",
+    ...               axis_name="data")
+    >>> specs = oxs.state_partition_specs(tx.init({"w": jnp.zeros(3)}), "data")
+    >>> specs.values == P("data"), specs.count == P()
+    (True, True)
   """
   is_state = lambda x: isinstance(x, ShapleyState)
 

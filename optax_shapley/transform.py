@@ -211,8 +211,9 @@ def with_shapley(
       plans = ghost_plans(
           factors, validation.factor_shapes(val_loss, params), frozen,
           contraction, ghost_rank)
-    points = {e.evaluation.name: e.evaluation.point(params, step.u_g, step.u_0)
-              for e in ests}
+    evaluations = {e.evaluation.name: e.evaluation for e in ests}
+    points = {name: e.point(params, step.u_g, step.u_0)
+              for name, e in evaluations.items()}
     val = validation.run(val_loss, points, weights, keep_factors=bool(plans))
     step, g_dot = _read_back_gradient(step, settings)
     local, mismatch = _step_values(
@@ -367,6 +368,34 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   """``optax.adam`` with in-run data Shapley values (see :func:`with_shapley`).
 
   The updates are exactly ``optax.adam(learning_rate, b1, b2, eps)``'s.
+
+  Example:
+    One attributed step of a linear classifier; ``N = 10`` training
+    examples, ``B = 4`` of them in the batch:
+
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
+    >>> import optax_shapley as oxs
+    >>> model = nn.Dense(3)
+    >>> x = jax.random.normal(jax.random.key(0), (4, 5))
+    >>> y = jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(1), x)["params"]
+    >>> def per_example_loss(p, x, y):                    # -> f32[B]
+    ...   logits = model.apply({"params": p}, x)
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    >>> val_loss = lambda p: per_example_loss(p, x[:2], y[:2])   # f32[V]
+    >>> tx = oxs.adam(1e-2, num_examples=10, batch_size=4)
+    >>> state = tx.init(params)
+    >>> capture = oxs.value_grad_and_factors(per_example_loss)
+    >>> losses, grads, factors = capture(params, x, y)
+    >>> ids = jnp.array([3, 1, 4, 7])
+    >>> updates, state = tx.update(grads, state, params, factors=factors,
+    ...                            example_ids=ids, val_loss=val_loss)
+    >>> params = optax.apply_updates(params, updates)
+    >>> oxs.values(state).shape, oxs.step_values(state).shape
+    ((10,), (4,))
+    >>> bool(oxs.values(state)[0] == 0)        # example 0 was not in the batch
+    True
+    >>> oxs.check(state)                       # raises if a step was skipped
   """
   return with_shapley(
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
@@ -437,6 +466,19 @@ def check(state) -> None:
   """Raises ``ValueError`` if any step's credit was skipped, naming why.
 
   Values of the other steps are untouched; the skipped steps added nothing.
+  The reasons are kept as bits of ``ShapleyState.error``
+  (:data:`optax_shapley.checks.STEP_ERRORS`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_shapley as oxs
+    >>> params = {"w": jnp.zeros(3)}
+    >>> tx = oxs.adam(1e-2, num_examples=5, batch_size=2)
+    >>> state = tx.init(params)
+    >>> state = state._replace(error=jnp.int32(2), skipped=jnp.int32(1))
+    >>> oxs.check(state)
+    Traceback (most recent call last):
+    ...
+    ValueError: 1 step(s) were not credited: an example id appeared twice in one batch. The values of the other steps are unaffected.
   """
   s = find_state(state)
   err, skipped = int(np.asarray(s.error).max()), int(np.asarray(s.skipped).max())
