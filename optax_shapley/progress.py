@@ -46,6 +46,27 @@ class Progress:
   The running mean is over all step values seen by :meth:`update` (every
   estimator and target pooled); reading them synchronises with the device,
   so it is sampled only when a line or the bar's postfix is refreshed.
+
+  Example:
+    Without a terminal (``interactive=False``, as in a batch job) it logs
+    through the ``"optax_shapley"`` logger; here its lines go to stdout.
+    The state of a freshly initialised transformation has zero step values:
+
+    >>> import logging, sys
+    >>> import jax.numpy as jnp
+    >>> import optax_shapley as oxs
+    >>> log = logging.getLogger("optax_shapley")
+    >>> handler = logging.StreamHandler(sys.stdout)
+    >>> log.addHandler(handler); log.setLevel(logging.INFO)
+    >>> tx = oxs.sgd(0.1, num_examples=8, batch_size=2)
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> with oxs.Progress(total=4, batch_size=2, log_every=2,
+    ...                   interactive=False) as bar:
+    ...   for t in range(4):
+    ...     bar.update(state)  # doctest: +ELLIPSIS
+    attribution: step 2/4, ... steps/s, ... examples/s, mean value +0.000e+00
+    attribution: step 4/4, ... steps/s, ... examples/s, mean value +0.000e+00
+    >>> log.removeHandler(handler); log.setLevel(logging.NOTSET)
   """
 
   def __init__(self, total: int | None = None, batch_size: int | None = None,

@@ -57,6 +57,29 @@ class ValueWriter:
   Raises:
     ValueError: ``steps_per_file < 1``.  Errors of the writer thread are
       raised by the next :meth:`write`, :meth:`flush` or :meth:`close`.
+
+  Example:
+    Two steps of a batch of two; example 1 takes part in both:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> import optax_shapley as oxs
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> with oxs.ValueWriter(tmp.name) as writer:
+    ...   writer.write(0, np.array([3, 1]), np.array([0.5, -1.0]))
+    ...   writer.write(1, np.array([1, 2]), np.array([2.0, 0.25]))
+    >>> ids, values = oxs.reduce_values(tmp.name)
+    >>> print(ids, values)
+    [1 2 3] [1.   0.25 0.5 ]
+
+    A resumed run that streams step 1 again counts it once, with the copy
+    written last:
+
+    >>> with oxs.ValueWriter(tmp.name) as writer:
+    ...   writer.write(1, np.array([1, 2]), np.array([4.0, 0.25]))
+    >>> print(oxs.reduce_values(tmp.name, num_examples=5))
+    [0.   3.   0.25 0.5  0.  ]
+    >>> tmp.cleanup()
   """
 
   def __init__(self, directory: str, steps_per_file: int = 1000,
@@ -167,6 +190,28 @@ def reduce_values(directory: str, num_examples: int | None = None):
   Raises:
     FileNotFoundError: no value files in ``directory``.
     ValueError: an id outside ``[0, num_examples)``.
+
+  Example:
+    Values of several estimators (``f[B, E]`` per step) keep their
+    trailing axis:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> import optax_shapley as oxs
+    >>> tmp = tempfile.TemporaryDirectory()
+    >>> with oxs.ValueWriter(tmp.name) as writer:
+    ...   writer.write(0, np.array([0, 2]), np.array([[1.0, 2.0], [3.0, 4.0]]))
+    ...   writer.write(1, np.array([2, 1]), np.array([[0.5, 0.5], [1.0, 1.0]]))
+    >>> ids, values = oxs.reduce_values(tmp.name)
+    >>> print(ids)
+    [0 1 2]
+    >>> print(values)
+    [[1.  2. ]
+     [1.  1. ]
+     [3.5 4.5]]
+    >>> oxs.reduce_values(tmp.name, num_examples=4).shape
+    (4, 2)
+    >>> tmp.cleanup()
   """
   files = _files(directory)
   if not files:

@@ -32,6 +32,18 @@ def class_targets(labels, num_classes: int) -> np.ndarray:
     ValueError: labels not one-dimensional integers, a label outside
       ``[0, num_classes)``, or a class with no validation example (its
       target would be empty).
+
+  Example:
+    Two classes among four validation examples; row ``k`` averages the
+    losses of class ``k``:
+
+    >>> import optax_shapley as oxs
+    >>> W = oxs.class_targets([0, 1, 1, 0], num_classes=2)
+    >>> print(W)
+    [[0.5 0.  0.  0.5]
+     [0.  0.5 0.5 0. ]]
+    >>> print(W.dtype, W.sum(axis=1))
+    float32 [1. 1.]
   """
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
@@ -52,7 +64,31 @@ def class_targets(labels, num_classes: int) -> np.ndarray:
 
 
 def mean_target(num_val: int) -> np.ndarray:
-  """The overall mean as one target: ``W`` f32[1, V] of ``1/V``."""
+  """The overall mean as one target: ``W`` f32[1, V] of ``1/V``.
+
+  Args:
+    num_val: ``V``, the number of validation examples.
+
+  Returns:
+    ``W`` f32[1, V], every entry ``1 / V``.
+
+  Raises:
+    ValueError: ``num_val < 1``.
+
+  Example:
+    The overall mean and one target per class, ``1 + C`` rows for
+    ``with_shapley(..., num_targets=1 + C)`` and ``tx.update(...,
+    val_weights=W)``:
+
+    >>> import numpy as np
+    >>> import optax_shapley as oxs
+    >>> print(oxs.mean_target(4))
+    [[0.25 0.25 0.25 0.25]]
+    >>> y_val = np.array([0, 1, 2, 1])
+    >>> W = np.concatenate([oxs.mean_target(4), oxs.class_targets(y_val, 3)])
+    >>> W.shape
+    (4, 4)
+  """
   if num_val < 1:
     raise ValueError(f"num_val must be >= 1, got {num_val}")
   return np.full((1, num_val), 1.0 / num_val, np.float32)
