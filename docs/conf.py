@@ -40,6 +40,9 @@ autosummary_generate = False            # the API pages list their names
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# Attributes as fields: a NamedTuple's fields are documented once, not
+# also as the attribute entries that :members: adds.
+napoleon_use_ivar = True
 
 # Every reference must resolve (nitpicky), except these.  No inventory of
 # another project can be fetched at build time, so third-party names that
@@ -53,52 +56,8 @@ nitpick_ignore = [
     ("py:class", "optax.OptState"),
     ("py:func", "jax.value_and_grad"),
     ("py:func", "optax.apply_updates"),
-    # Internal modules (not public API).
-    ("py:class", "_CallPlan"),
-    ("py:mod", "optax_shapley.ghost"),
-    ("py:func", "optax_shapley.metrics.removal_values"),
-    ("py:func", "optax_shapley.metrics.coalition_values"),
-    ("py:func", "optax_shapley.metrics.adam_secant_scale"),
+    ("py:class", "flax.linen.module.Module"),
 ]
-
-# -- Docstrings this documentation cannot fix at the source ---------------------
-# Texts that reST misreads in optax_shapley/capture.py, fixed in the rendered
-# pages only: "*" starts emphasis, and autosummary (a bug of its first-sentence
-# rule) cuts a summary at the ". " inside ``x_i . d``.  Once the source is
-# fixed, its entry warns (and so fails the build): delete it then.
-_DOCSTRING_FIXES = {
-    optax_shapley.Factors: (
-        ("f[B, *leaf.shape]", "``f[B, *leaf.shape]``"),
-        ("``x_i . d``", "``x_i · d``"),
-    ),
-    optax_shapley.contract: (
-        ("``x_i . d_e``", "``x_i · d_e``"),
-    ),
-}
-
-
-def _hashable(obj):
-  try:
-    hash(obj)
-  except TypeError:
-    return False
-  return True
-
-
-def _fix_docstring(app, what, name, obj, options, lines):
-  del app, what, options
-  for old, new in _DOCSTRING_FIXES.get(obj, ()) if _hashable(obj) else ():
-    if not any(old in line for line in lines):
-      from sphinx.util import logging  # pylint: disable=import-outside-toplevel
-      logging.getLogger(__name__).warning(
-          "docs/conf.py: %r no longer in the docstring of %s; remove its "
-          "entry from _DOCSTRING_FIXES", old, name)
-    lines[:] = [line.replace(old, new) for line in lines]
-
-
-def setup(app):
-  app.connect("autodoc-process-docstring", _fix_docstring)
-
 
 # -- HTML ----------------------------------------------------------------------
 html_theme = "sphinx_book_theme"

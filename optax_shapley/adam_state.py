@@ -23,7 +23,7 @@ import optax
 def find_adam_state(state) -> optax.ScaleByAdamState:
   """The one ``optax.ScaleByAdamState`` inside an optimizer state.
 
-  Found with :func:`optax.tree_utils.tree_get_all_with_path`, so it is found
+  Found with ``optax.tree_utils.tree_get_all_with_path``, so it is found
   inside ``optax.chain``, ``optax.inject_hyperparams`` or
   ``optax.masked`` alike.
 

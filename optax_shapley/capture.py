@@ -3,8 +3,8 @@
 ``value_grad_and_factors(per_example_loss)(params, *args)`` runs one forward
 and one backward pass of ``per_example_loss`` with Flax interceptors
 (``flax.linen.intercept_methods``) installed inside the traced function
-(docs/index.md, "Capture and contraction").  For every call of a supported module (see
-:mod:`optax_shapley.layers`) it keeps the call's inputs and adds a zero
+(the "Models and layers" guide).  For every call of a supported module
+(see :mod:`optax_shapley.layers`) it keeps the call's inputs and adds a zero
 *probe* to the call's output; the probe's cotangent from ``jax.vjp`` is the
 output gradient ``b_i`` of every example.  Inputs leave the trace as auxiliary
 outputs of the vjp'd function.
@@ -293,7 +293,7 @@ def value_grad_and_factors(
 
 def validation_factors(val_loss: Callable[[Any], jax.Array]
                        ) -> Callable[[Any], tuple[jax.Array, Any, Factors]]:
-  """:func:`value_grad_and_factors` of ``params -> f32[V]`` validation
+  """:func:`~optax_shapley.value_grad_and_factors` of ``params -> f32[V]`` validation
   losses, for the ghost rule's validation pass.
 
   That pass closes over its data and only needs each call's factors summed

@@ -24,12 +24,16 @@ class StepError(NamedTuple):
   text: str
 
 
+#: An example id outside ``[0, num_examples)``.
 ID_OUT_OF_RANGE = StepError(
     1, "an example id was out of range [0, num_examples)")
+#: An example id twice in one batch.
 DUPLICATE_ID = StepError(2, "an example id appeared twice in one batch")
+#: A NaN or infinite value, loss or validation gradient.
 NON_FINITE = StepError(
     4, "a step value was NaN or infinite (NaN/inf loss, gradient or "
     "validation loss)")
+#: The values did not add up to ``g . d`` (the add-up check).
 CAPTURE_MISMATCH = StepError(
     8, "the per-example values did not add up to grads . d: the grads passed "
     "to update are not the gradient of the batch the factors came from, or "
@@ -38,11 +42,12 @@ CAPTURE_MISMATCH = StepError(
 #: Every reason, in bit order.
 STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH)
 
-# sum_i x_i . d must equal grads . d (the x_i add up to the batch gradient);
-# a larger relative gap means the capture missed a use of some parameter.
+#: The add-up check's relative tolerance.  ``sum_i x_i . d`` must equal
+#: ``g . d`` (the ``x_i`` add up to the batch gradient), and a larger gap
+#: means the capture missed a use of some parameter.
 CAPTURE_RTOL = 1e-2
-# Largest relative distance of the received gradient from c * (the batch
-# gradient of the factors) for the rescaling to count as one scalar.
+#: Largest relative distance of the received gradient from ``c`` times the
+#: batch gradient of the factors for the rescaling to count as one scalar.
 RESCALE_RTOL = 1e-4
 
 

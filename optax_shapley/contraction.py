@@ -31,10 +31,12 @@ GHOST_NEGATIVE_MASS = 1e-2
 def contract(factors: Factors, directions: Any,
              skip_leaves: tuple[int, ...] = (),
              skip_calls: tuple[int, ...] = ()) -> jax.Array:
-  """``x_i . d_e`` for every example ``i`` and every direction ``e``.
+  """Each example's gradient share dotted with each direction, ``f32[B, E]``.
+
+  Entry ``(i, e)`` is ``x_i . d_e``, without forming ``x_i``.
 
   Args:
-    factors: from :func:`value_grad_and_factors`.
+    factors: from :func:`optax_shapley.value_grad_and_factors`.
     directions: a tree like ``params`` whose leaves carry a leading axis
       ``E`` (one direction per estimator).
     skip_leaves: indices (``jax.tree.leaves(params)`` order) of leaves whose
@@ -115,12 +117,12 @@ def per_example_grads(factors: Factors, like: Any,
   ghost path.
 
   Args:
-    factors: from :func:`value_grad_and_factors`.
+    factors: from :func:`optax_shapley.value_grad_and_factors`.
     like: a tree like ``params`` (e.g. the batch gradient), for shapes.
     skip_leaves: as in :func:`contract`; those leaves come out as zeros.
 
   Returns:
-    A tree like ``params`` whose leaves are f32[B, *leaf.shape]; zeros for
+    A tree like ``params`` whose leaves are ``f32[B, *leaf.shape]``; zeros for
     leaves that no call or fallback owns (non-float or unused) or skipped.
   """
   # Under shard_map the direction must vary like the factors: the transpose

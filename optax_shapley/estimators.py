@@ -58,7 +58,7 @@ class Step(NamedTuple):
   Attributes:
     grads: ``g``, the batch gradient as the optimizer received it.
     late_grads: ``g`` for use after the update: read back from Adam's
-      moments where that saves memory (:func:`adam_state.adam_gradient`),
+      moments where that saves memory (:func:`~optax_shapley.adam_state.adam_gradient`),
       else ``grads``.
     update_of: ``g -> u(g)``, the optimizer's update with its state frozen.
     u_g: ``u(g)``, the update really applied.
@@ -157,18 +157,19 @@ def _coalition_values(settings: Settings, step: Step, shares, v):
   return jax.lax.dynamic_slice_in_dim(run(full), start, local)
 
 
-#: First-order In-Run Data Shapley / TracIn: ``D = -eta I``.
+#: The SGD metric ``D = -eta I`` (first-order In-Run Data Shapley, TracIn).
 SGD = Metric(
     name="sgd", requires=("learning_rate",), is_elementwise=_always,
     scale=lambda s, step: metrics.sgd_scale(step.grads, learning_rate=step.eta))
 
-#: The paper's Adam-aware metric, moments frozen
-#: (:func:`adam_state.fixed_state_scale`).
+#: The paper's Adam-aware metric with the moments frozen
+#: (:func:`~optax_shapley.adam_state.fixed_state_scale`).
 FIXED_STATE = Metric(
     name="fixed_state", requires=("learning_rate", "b1", "b2", "eps"),
     is_elementwise=_always, scale=_fixed_state_scale)
 
-#: The exact Jacobian ``du/dg`` at ``g_t`` (:func:`metrics.linearized_direction`).
+#: The exact Jacobian ``du/dg`` at ``g_t``
+#: (:func:`~optax_shapley.metrics.linearized_direction`).
 LINEARIZED = Metric(
     name="linearized", is_elementwise=lambda s: s.elementwise,
     scale=lambda s, step: metrics.linearized_scale(step.update_of, step.grads),
@@ -176,7 +177,8 @@ LINEARIZED = Metric(
         step.update_of, step.grads, v))
 
 #: The ray average of the Jacobian (Aumann-Shapley), the default
-#: (:func:`metrics.secant_direction`, :func:`adam_state.adam_secant_scale`).
+#: (:func:`~optax_shapley.metrics.secant_direction`,
+#: :func:`~optax_shapley.adam_state.adam_secant_scale`).
 SECANT = Metric(
     name="secant", needs_zero_update=lambda s: not s.adam_closed_form,
     is_elementwise=lambda s: s.elementwise, scale=_secant_scale,
@@ -185,14 +187,14 @@ SECANT = Metric(
         nodes=s.secant_nodes))
 
 #: Each example's share taken out of the real update
-#: (:func:`metrics.removal_values`).
+#: (:func:`~optax_shapley.metrics.removal_values`).
 REMOVAL = Metric(
     name="removal",
     values=lambda s, step, shares, v: metrics.removal_values(
         step.update_of, step.grads, step.u_g, shares, v))
 
 #: Shapley values of the real update re-run on coalitions
-#: (:func:`metrics.coalition_values`).
+#: (:func:`~optax_shapley.metrics.coalition_values`).
 COALITIONS = Metric(name="coalitions", needs_zero_update=_always,
                     values=_coalition_values)
 

@@ -83,7 +83,10 @@ class CallPlan:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Factors:
-  """Ghost factors of one batch: what the transformation needs for ``x_i . d``.
+  """Ghost factors of one batch, what the transformation contracts.
+
+  They give ``x_i . d`` for any direction ``d`` without per-example
+  gradients.
 
   ``x_i = c * grad l_i(w)`` is example ``i``'s share of the batch gradient
   (``c = 1/B`` for ``reduction="mean"``, ``1`` for ``"sum"``).  A pytree:
@@ -94,14 +97,15 @@ class Factors:
       of the call (leading axis ``B``) and the output cotangent
       ``b = c * dl/dy``, f[B, ...]; for a call planned ``per_example``
       ``((), x)`` with ``x`` the call's ``'params'`` dict of per-example
-      gradient shares ``c * dl_i/dtheta``, leaves f[B, *leaf.shape].
+      gradient shares ``c * dl_i/dtheta``, leaves ``f[B, *leaf.shape]``.
     fallback: ``(params, args)`` kept for the forward-mode fallback, or
       ``None`` when every trainable leaf is owned by a probed call.
     grads: the batch gradient ``sum_i x_i`` returned alongside these factors
       (the same arrays, no copy), or ``None``; it lets the transformation
       recognise gradients an earlier transformation in a chain has rescaled
       (global-norm clipping).
-    plans: static, one :class:`CallPlan` per entry of ``calls``.
+    plans: static, one :class:`~optax_shapley.factors.CallPlan` per entry
+      of ``calls``.
     fallback_leaves: static, indices (``jax.tree.leaves(params)`` order) of
       the leaves contracted by ``jax.jvp``.
     loss_fn: static, the per-example loss (for the fallback).

@@ -4,7 +4,7 @@ For a Dense layer ``y = a W + c`` with an elementwise metric (so the
 kernel's direction is ``d_W = S * G``, ``S`` the metric's elementwise scale,
 ``G = grad_W L(wbar) = sum_r a'_r b'_r^T`` over the validation tokens ``r``
 at the evaluation point), factoring the scale to rank ``K``,
-``S ~= sum_k r_k q_k^T``, gives (docs/index.md, "Contraction modes")::
+``S ~= sum_k r_k q_k^T``, gives (the "Models and layers" guide, "Contraction modes")::
 
     x_i . d_W = sum_{s, k, r} ((a_is * r_k) . a'_r) ((b_is * q_k) . b'_r)
 

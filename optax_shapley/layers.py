@@ -2,7 +2,7 @@
 
 For a module whose output is *linear in its parameters* (``y = f(x; theta)``
 with ``f(x; a + b) = f(x; a) + f(x; b)``), the per-example gradient of example
-``i`` contracted with a direction ``d`` is (docs/index.md, "Capture and contraction")::
+``i`` contracted with a direction ``d`` is (the exact rule of the "Models and layers" guide)::
 
     x_i . d_theta = sum_s  <f(x_is; d_theta), b_is>
 
@@ -103,6 +103,8 @@ def draws_batch_mask(module: nn.Module, method_name: str, args, kwargs) -> bool:
 
 
 def dropout_error(path: str) -> UnsupportedModuleError:
+  """The error for an ``nn.Dropout`` at ``path`` that draws one mask for
+  the whole batch."""
   return UnsupportedModuleError(
       f"nn.Dropout at {path or '<root>'} draws one random mask for the whole "
       "batch (deterministic=False, one RNG): example i's loss then depends on "
@@ -252,9 +254,9 @@ def conv_per_example_grads(module: nn.Conv, x: jax.Array,
 
   Args:
     module: unbound ``nn.Conv``, ``feature_group_count == 1``, no mask,
-      geometry covered by :func:`_conv_geometry`.
-    x: f[B, *spatial, C_in], the call's input.
-    cot: f[B, *spatial_out, C_out]: the output cotangent ``b``.
+      geometry covered by :func:`conv_geometry`.
+    x: ``f[B, *spatial, C_in]``, the call's input.
+    cot: ``f[B, *spatial_out, C_out]``: the output cotangent ``b``.
 
   Returns:
     ``{("kernel",): [B, *kernel_size, C_in, C_out], ("bias",): [B, C_out]}``

@@ -33,7 +33,7 @@ def check_kind(table: str) -> None:
 
 
 def init(table: str, num_examples: int, value_shape: tuple) -> jax.Array:
-  """The empty table: f32[num_examples, *value_shape] (zero rows for
+  """The empty table: ``f32[num_examples, *value_shape]`` (zero rows for
   ``"none"``)."""
   rows = 0 if table == "none" else num_examples
   return jnp.zeros((rows,) + value_shape, jnp.float32)

@@ -2,7 +2,7 @@
 
 The target is the mean of ``val_loss(params)``, f32[V], or with
 ``num_targets=K`` the ``K`` weighted sums ``L_k(w) = sum_v W[k, v] l_v(w)``
-(:mod:`optax_shapley.targets`).  One forward and one backward pass per
+(:func:`optax_shapley.class_targets`).  One forward and one backward pass per
 evaluation point; with targets the ``K`` gradients come from one
 ``jax.vjp`` with the rows of ``W`` as cotangents, vectorised.  Where the
 ghost rule needs them, the pass also keeps its Dense factors

@@ -96,7 +96,7 @@ def with_shard_map(metric, evaluation, **kw):
   def step(p, st, x, y, ids):
     _, g, f = oxs.value_grad_and_factors(per_example_loss)(p, x, y)
     # With check_vma, grad w.r.t. the replicated params is already summed
-    # over devices (docs/index.md, "Data parallel"): divide, don't pmean.
+    # over devices (the "Data parallel" guide): divide, don't pmean.
     g = jax.tree.map(lambda a: a / jax.lax.psum(1, "d"), g)
     u, st = tx.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)
     return optax.apply_updates(p, u), st

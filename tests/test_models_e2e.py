@@ -28,8 +28,8 @@ six seeds.  Against the secant step at t = 3: CNN 0.99993-0.99999 (the
 midpoint rule's error; ReLU), transformer >= 0.9999999.
 
 Measured Pearson R against exact Shapley of the real step, lr 1e-3, seed 0
-(step 1 is Adam's sign-descent step, not smooth in the batch; docs/index.md,
-"Estimators"), several estimators tracked in one run:
+(step 1 is Adam's sign-descent step, not smooth in the batch; the "Choosing an
+estimator" guide), several estimators tracked in one run:
 
 =========================  =====  ======  ======  ======  ======  ======
 CNN, step                  1      2       3       6       11      21
