@@ -172,3 +172,45 @@ def test_linearized_scale_with_both_signs_falls_back():
   forced = _values("ghost", "linearized", steps=3, ghost_tol=float("inf"))
   r = [np.corrcoef(forced[t], exact[t])[0, 1] for t in range(3)]
   assert min(r) > 0.99, r
+
+
+def _doubled_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                         preferred_element_type=None, **kwargs):
+  """A custom product, ``2 a W``: not the ``y = a W`` the ghost rule assumes."""
+  return 2.0 * jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
+                                   preferred_element_type=preferred_element_type,
+                                   **kwargs)
+
+
+def test_dense_with_a_custom_dot_general_keeps_the_exact_rule():
+  from optax_shapley import layers
+  assert layers.has_ghost_rule(nn.Dense(3), "__call__")
+  assert not layers.has_ghost_rule(
+      nn.Dense(3, dot_general=_doubled_dot_general), "__call__")
+
+  class Doubled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(nn.Dense(H, dot_general=_doubled_dot_general)(x))
+      return nn.Dense(C, dot_general=_doubled_dot_general)(h.mean(axis=1))
+
+  model = Doubled()
+  params = model.init(_K[4], X[:B])["params"]
+  pel2, val2 = toy.losses(model, XV, YV)
+  lr = 1e-2
+  # Forced ghost rule without its spot check: a custom product must still
+  # be contracted exactly (sgd at the start: phi_i = lr x_i . grad L(w)).
+  tx = oxs.adam(lr, num_examples=N, batch_size=B, metric="sgd",
+                evaluation="start", contraction="ghost", ghost_tol=None)
+  ids = jnp.arange(B)
+  _, g, f = oxs.value_grad_and_factors(pel2)(params, X[:B], Y[:B])
+  _, s = tx.update(g, tx.init(params), params, factors=f, example_ids=ids,
+                   val_loss=val2)
+  oxs.check(s)
+  per_example = jax.vmap(lambda x, y: jax.grad(
+      lambda p: pel2(p, x[None], y[None])[0])(params))(X[:B], Y[:B])
+  v = jax.grad(lambda p: jnp.mean(val2(p)))(params)
+  want = sum(jnp.tensordot(pe, vv, axes=vv.ndim) for pe, vv in zip(
+      jax.tree.leaves(per_example), jax.tree.leaves(v))) * lr / B
+  np.testing.assert_allclose(oxs.step_values(s), want, rtol=1e-4,
+                             atol=1e-6 * float(jnp.abs(want).max()))

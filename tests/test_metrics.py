@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from optax_shapley import adam_state
 
@@ -79,3 +80,17 @@ def test_adam_gradient_is_read_back_from_optax_moments():
     from_mu = adam_state.adam_secant_scale(got, prev_adam, **kw)
     for name in p:
       np.testing.assert_allclose(from_mu[name], from_g[name], rtol=1e-4)
+
+
+def test_find_adam_state_refuses_two_adam_states():
+  params = {"a": jnp.ones(3), "b": jnp.ones(2)}
+  two = optax.multi_transform({"x": optax.adam(1e-3), "y": optax.adam(1e-2)},
+                              {"a": "x", "b": "y"})
+  with pytest.raises(ValueError, match="2 optax.ScaleByAdamState"):
+    adam_state.find_adam_state(two.init(params))
+  one = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+  assert isinstance(adam_state.find_adam_state(one.init(params)),
+                    optax.ScaleByAdamState)
+  with pytest.raises(ValueError, match="no optax.ScaleByAdamState"):
+    adam_state.find_adam_state(optax.sgd(0.1).init(params))
+  assert not adam_state.float32_moments(two.init(params), params)
