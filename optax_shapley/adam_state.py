@@ -1,10 +1,14 @@
-"""Closed forms that depend on ``optax.scale_by_adam``'s state.
+r"""Closed forms that depend on ``optax.scale_by_adam``'s state.
 
 Adam (Kingma & Ba 2015, Algorithm 1) as ``optax.scale_by_adam`` computes it,
-with ``t = count + 1`` after the step::
+with ``t = count + 1`` after the step:
 
-    mu'  = b1 mu + (1 - b1) g,        nu' = b2 nu + (1 - b2) g^2,
-    u(g) = -eta (mu' / (1 - b1^t)) / (sqrt(nu' / (1 - b2^t)) + eps)
+.. math::
+
+    \mu' = \beta_1 \mu + (1 - \beta_1) g, \qquad
+    \nu' = \beta_2 \nu + (1 - \beta_2) g^2, \qquad
+    u(g) = -\eta \, \frac{\mu' / (1 - \beta_1^t)}
+                        {\sqrt{\nu' / (1 - \beta_2^t)} + \epsilon}
 
 Everything here reads the moments ``mu``, ``nu`` and ``count`` of that
 state: the paper's ``fixed_state`` metric, the secant metric in closed form,
@@ -53,14 +57,17 @@ def find_adam_state(state) -> optax.ScaleByAdamState:
 
 def fixed_state_scale(like, adam_state, *, learning_rate, b1, b2, eps,
                       previous=False, prev_state=None):
-  """The paper's Adam-aware metric with the moments frozen, ``d = S * v``.
+  r"""The paper's Adam-aware metric with the moments frozen, ``d = S * v``.
 
   Ding, Zhang, Wang, Hu (2026), "In-Run Data Shapley for Adam Optimizer":
   only the fresh gradient's share of the first moment varies with the
-  coalition, so elementwise::
+  coalition, so elementwise:
 
-      S = eta_t (1 - b1) / (1 - b1^t) / (sqrt(vhat) + eps),
-      vhat = nu_t / (1 - b2^t)
+  .. math::
+
+      S = \eta_t \, \frac{1 - \beta_1}{1 - \beta_1^t} \,
+          \frac{1}{\sqrt{\hat v} + \epsilon}, \qquad
+      \hat v = \frac{\nu_t}{1 - \beta_2^t}
 
   with ``nu_t`` and ``t`` from ``adam_state``, the state *after* the step
   (``previous=False``), or ``nu_{t-1}, t-1`` from ``prev_state``
@@ -83,7 +90,7 @@ def fixed_state_scale(like, adam_state, *, learning_rate, b1, b2, eps,
 
 
 def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
-  """``S = -(u(g) - u(0)) / g`` of ``optax.adam`` in closed form, elementwise.
+  r"""``S = -(u(g) - u(0)) / g`` of ``optax.adam`` in closed form, elementwise.
 
   With the moments ``mu``, ``nu`` and ``count`` of ``adam_state`` (the state
   *before* this step), ``t = count + 1``, ``c1 = 1 - b1^t``,
@@ -91,9 +98,12 @@ def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
   ``vhat(g) = (b2 nu + (1 - b2) g^2) / c2``, ``s = sqrt(vhat(g))``,
   ``s0 = sqrt(vhat(0))``, ``D = s + eps`` and ``D0 = s0 + eps``, Adam's step
   is ``u(g) = -eta (A + a g) / D`` and, using
-  ``D - D0 = (1 - b2) g^2 / (c2 (s + s0))``::
+  ``D - D0 = (1 - b2) g^2 / (c2 (s + s0))``:
 
-      S = eta (a / D - A (1 - b2) g / (c2 (s + s0) D D0))
+  .. math::
+
+      S = \eta \left( \frac{a}{D}
+          - \frac{A (1 - \beta_2)\, g}{c_2 (s + s_0)\, D\, D_0} \right)
 
   The same quantity as :func:`optax_shapley.metrics.secant_scale` without
   its cancellation: it is finite at ``g = 0`` (where it is the derivative
@@ -124,12 +134,14 @@ def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
 
 def adam_gradient(prev_state: optax.ScaleByAdamState,
                   new_state: optax.ScaleByAdamState, *, b1: float) -> Any:
-  """The gradient ``g`` that Adam folded into its first moment this step.
+  r"""The gradient ``g`` that Adam folded into its first moment this step.
 
   ``optax.scale_by_adam`` sets ``mu' = b1 mu + (1 - b1) g``, so
-  elementwise::
+  elementwise:
 
-      g = (mu' - b1 mu) / (1 - b1)
+  .. math::
+
+      g = \frac{\mu' - \beta_1 \mu}{1 - \beta_1}
 
   up to a rounding error of about ``2^-24 (|mu'| + b1 |mu|) / (1 - b1)``.
   Both moments are arguments and outputs of the training step, alive for

@@ -1,9 +1,13 @@
-"""Estimators: a metric ``D_t`` and an evaluation point ``wbar_t``, as objects.
+r"""Estimators: a metric ``D_t`` and an evaluation point ``wbar_t``, as objects.
 
 Every estimator credits example ``i`` at step ``t`` with (or, for the two
-metrics that form per-example gradients, instead of)::
+metrics that form per-example gradients, instead of)
 
-    phi_{t,i} ~= x_i . d_t,    d_t = -D_t^T grad L(wbar_t),    x_i = c grad l_i(w_t)
+.. math::
+
+    \phi_{t,i} \approx x_i \cdot d_t, \qquad
+    d_t = -D_t^\top \nabla L(\bar w_t), \qquad
+    x_i = c\, \nabla \ell_i(w_t)
 
 A :class:`Metric` owns everything about one ``D_t``: its name, which
 hyperparameters it needs, whether it needs the momentum-only step ``u(0)``,

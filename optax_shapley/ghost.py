@@ -1,12 +1,15 @@
-"""Ghost (pairwise) contraction for ``nn.Dense``: train against validation factors.
+r"""Ghost (pairwise) contraction for ``nn.Dense``: train against validation factors.
 
 For a Dense layer ``y = a W + c`` with an elementwise metric (so the
 kernel's direction is ``d_W = S * G``, ``S`` the metric's elementwise scale,
 ``G = grad_W L(wbar) = sum_r a'_r b'_r^T`` over the validation tokens ``r``
 at the evaluation point), factoring the scale to rank ``K``,
-``S ~= sum_k r_k q_k^T``, gives (the "Models and layers" guide, "Contraction modes")::
+``S ~= sum_k r_k q_k^T``, gives (the "Models and layers" guide, "Contraction modes")
 
-    x_i . d_W = sum_{s, k, r} ((a_is * r_k) . a'_r) ((b_is * q_k) . b'_r)
+.. math::
+
+    x_i \cdot d_W = \sum_{s, k, r} \bigl((a_{is} \odot r_k) \cdot a'_r\bigr)
+                                   \bigl((b_{is} \odot q_k) \cdot b'_r\bigr)
 
 at a cost of ``B T R K (d_in + d_out)`` multiply-adds (``R = V T'``) instead
 of ``B T d_in d_out`` for the exact rule; no per-example gradient and no

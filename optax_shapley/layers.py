@@ -1,10 +1,12 @@
-"""Per-layer rules: which Flax module calls have an exact ghost contraction.
+r"""Per-layer rules: which Flax module calls have an exact ghost contraction.
 
 For a module whose output is *linear in its parameters* (``y = f(x; theta)``
 with ``f(x; a + b) = f(x; a) + f(x; b)``), the per-example gradient of example
-``i`` contracted with a direction ``d`` is (the exact rule of the "Models and layers" guide)::
+``i`` contracted with a direction ``d`` is (the exact rule of the "Models and layers" guide)
 
-    x_i . d_theta = sum_s  <f(x_is; d_theta), b_is>
+.. math::
+
+    x_i \cdot d_\theta = \sum_s \langle f(x_{is}; d_\theta), b_{is} \rangle
 
 where ``x_is`` is the module's input for example ``i`` (position ``s``) and
 ``b_is = c * dl_i / dy_is`` the cotangent of its output (``c = 1/B`` for a mean

@@ -1,8 +1,12 @@
-"""Metrics ``D_t``: how the optimizer's step responds to the gradient.
+r"""Metrics ``D_t``: how the optimizer's step responds to the gradient.
 
-Every estimator credits example ``i`` at step ``t`` with::
+Every estimator credits example ``i`` at step ``t`` with
 
-    phi_{t,i} ~= x_i . d_t,      d_t = -D_t^T grad L(wbar_t)
+.. math::
+
+    \phi_{t,i} \approx x_i \cdot d_t, \qquad
+    d_t = -D_t^\top \nabla L(\bar w_t), \qquad
+    x_i = c\, \nabla \ell_i(w_t)
 
 where ``x_i = c * grad l_i(w_t)`` is the example's share of the batch
 gradient, ``L`` the validation objective and ``D_t`` the *metric*: how the
@@ -77,13 +81,15 @@ def linearized_direction(update_fn: UpdateFn, g, val_grad) -> Any:
 def secant_direction(update_fn: UpdateFn, g, u_g, u_0, val_grad, *,
                      elementwise: bool = True, nodes: int = 3,
                      rtol: float = 1e-3) -> Any:
-  """Secant (Aumann-Shapley) metric: ``D = int_0^1 du/dg(s g) ds``.
+  r"""Secant (Aumann-Shapley) metric: ``D = int_0^1 du/dg(s g) ds``.
 
   The ray average of the Jacobian, so that ``D g = u(g) - u(0)`` and the
   values sum to the step's whole effect (efficiency).  For an elementwise
-  optimizer it is the difference quotient, elementwise::
+  optimizer it is the difference quotient, elementwise:
 
-      D = (u(g) - u(0)) / g
+  .. math::
+
+      D = \frac{u(g) - u(0)}{g}
 
   Where that quotient is unreliable (``g = 0``, or ``|u(g) - u(0)|`` below
   ``rtol * max(|u(g)|, |u(0)|)`` so float32 cancellation would dominate) the
@@ -149,12 +155,15 @@ def removal_values(update_fn: UpdateFn, g, u_g, per_example, val_grad, *,
 
 def coalition_values(update_fn: UpdateFn, u_0, shares, val_grad, key, *,
                      num_permutations: int = 64, batch_size: int = 64) -> jax.Array:
-  """Shapley values of the optimizer's real response, first order in ``L``.
+  r"""Shapley values of the optimizer's real response, first order in ``L``.
 
   The one-step utility with the loss linearised at ``wbar`` but the update
-  exact::
+  exact:
 
-      U(S) = -grad L(wbar) . (u(g_S) - u(0)),    g_S = sum_{i in S} x_i
+  .. math::
+
+      U(S) = -\nabla L(\bar w) \cdot (u(g_S) - u(0)), \qquad
+      g_S = \sum_{i \in S} x_i
 
   re-runs the optimizer update on coalitions of the batch (no validation
   forward passes): all ``2^B`` of them when ``B <= 12`` (exact Shapley), else

@@ -1,12 +1,15 @@
-"""Shapley values of a utility on coalitions: enumeration and permutations.
+r"""Shapley values of a utility on coalitions: enumeration and permutations.
 
 One implementation of the combinatorics, shared by the ground truth
 (:mod:`optax_shapley.truth`, float64 NumPy around a compiled utility) and the
 in-graph ``"coalitions"`` metric (:func:`optax_shapley.metrics.coalition_values`,
 inside the training step).  For ``n`` players and a utility ``U`` on subsets
-``S`` (Shapley 1953)::
+``S`` (Shapley 1953):
 
-    phi_i = sum_{S not containing i} |S|! (n - |S| - 1)! / n! (U(S + i) - U(S))
+.. math::
+
+    \phi_i = \sum_{S \subseteq N \setminus \{i\}}
+             \frac{|S|!\,(n - |S| - 1)!}{n!} \bigl(U(S \cup \{i\}) - U(S)\bigr)
 
 and by permutations (Castro, Gomez, Tejada 2009): ``phi_i`` is the mean over
 uniformly random orders ``pi`` of ``U(players before i, and i) -

@@ -1,10 +1,14 @@
-"""The Shapley transformation: any optax optimizer plus per-example values.
+r"""The Shapley transformation: any optax optimizer plus per-example values.
 
 ``with_shapley(inner, num_examples=N)`` wraps an optax transformation.  Its
 updates are the inner optimizer's; alongside, every step credits each
-example ``i`` of the batch with::
+example ``i`` of the batch with
 
-    phi_{t,i} ~= x_i . d_t,    d_t = -D_t^T grad L(wbar_t),    x_i = c grad l_i(w_t)
+.. math::
+
+    \phi_{t,i} \approx x_i \cdot d_t, \qquad
+    d_t = -D_t^\top \nabla L(\bar w_t), \qquad
+    x_i = c\, \nabla \ell_i(w_t)
 
 approximating the Shapley value of the one-step utility
 ``U_t(S) = L(w_t) - L(w_t + u_t(g_S))`` (positive: example ``i`` lowered the

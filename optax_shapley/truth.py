@@ -1,4 +1,4 @@
-"""Ground truth: exact and Monte-Carlo Shapley values of the *real* step.
+r"""Ground truth: exact and Monte-Carlo Shapley values of the *real* step.
 
 Everything here re-runs the optimizer step for coalitions of the batch; no
 approximation of the optimizer is made. It is slow (one optimizer update and
@@ -7,11 +7,15 @@ estimators of this library on small batches.
 
 For a training step with parameters ``w``, optimizer state ``s`` (held fixed)
 and per-example gradients ``grad l_i(w)`` of a batch of ``B`` examples, the
-utility of a coalition ``S`` is::
+utility of a coalition ``S`` is
 
-    U(S) = L(w) - L(w + u(g_S)),
-    g_S  = c * sum_{i in S} grad l_i(w),   c = 1/B ("mean") or 1 ("sum"),
-    u(g) = tx.update(g, s, w)[0],
+.. math::
+
+    U(S) = L(w) - L(w + u(g_S)), \qquad
+    g_S = c \sum_{i \in S} \nabla \ell_i(w), \qquad
+    u(g) = \texttt{tx.update}(g, s, w)[0],
+
+with ``c = 1/B`` (``"mean"``) or ``1`` (``"sum"``),
 
 where ``L(w)`` is the mean validation loss. ``B`` is always the *full* batch
 size: removing a player does not rescale the others. Positive ``U`` means the
