@@ -195,10 +195,9 @@ def coalition_values(update_fn: UpdateFn, u_0, shares, val_grad, key, *,
                 for a, c, z in zip(v, u, base))
 
   if b <= shapley.EXACT_MAX_PLAYERS:
-    w = shapley.shapley_weights(b)
     masks = shapley.subset_masks(b).astype(np.float32)
-    us = jax.lax.map(utility, jnp.asarray(masks), batch_size=batch_size)
-    return jnp.asarray(w.T, jnp.float32) @ us
+    return shapley.exact_values(
+        jax.lax.map(utility, jnp.asarray(masks), batch_size=batch_size))
   p = 2 * max(1, num_permutations // 2)
   ranks = jnp.argsort(shapley.permutations(key, p, b), axis=1)
   prefix = shapley.prefix_masks(ranks)                          # [P, B-1, B]

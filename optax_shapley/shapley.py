@@ -19,6 +19,7 @@ variance.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -38,20 +39,37 @@ def subset_masks(num_players: int) -> np.ndarray:
   return (np.arange(2 ** n, dtype=np.int64)[:, None] >> np.arange(n)) & 1
 
 
-def shapley_weights(num_players: int) -> np.ndarray:
-  """``W`` f64[2^n, n] with ``phi = W^T U`` for ``U`` on :func:`subset_masks`.
+def _xp(x):
+  """NumPy for NumPy inputs (the float64 ground truth), else ``jax.numpy``."""
+  return np if isinstance(x, np.ndarray) else jnp
 
-  ``W[S, i] = w(|S| - 1)`` if ``i in S`` else ``-w(|S|)``, with the Shapley
-  weight ``w(s) = s! (n - s - 1)! / n!``.
-  """
-  n = num_players
-  masks = subset_masks(n).astype(bool)
-  size = masks.sum(1)
+
+@functools.lru_cache(maxsize=None)
+def _marginal_pairs(n: int):
+  """Row indices ``(without, with)`` int64[n, 2^(n-1)] of the coalitions
+  ``S`` without player ``i`` and ``S + i``, and the Shapley weights
+  ``w(|S|) = |S|! (n - |S| - 1)! / n!`` f64[n, 2^(n-1)]."""
+  masks = subset_masks(n)
   fact = np.array([math.factorial(k) for k in range(n + 1)], np.float64)
-  w = lambda s: fact[s] * fact[n - s - 1] / fact[n]
-  inside = w(np.clip(size - 1, 0, n - 1))[:, None]
-  outside = w(np.clip(size, 0, n - 1))[:, None]
-  return np.where(masks, inside, -outside)
+  without = np.stack([np.flatnonzero(masks[:, i] == 0) for i in range(n)])
+  size = masks.sum(1)[without]
+  return without, without | (1 << np.arange(n))[:, None], (
+      fact[size] * fact[n - size - 1] / fact[n])
+
+
+def exact_values(u):
+  """Shapley values ``f[n]`` from ``U`` on every coalition, ``f[2^n]`` in the
+  row order of :func:`subset_masks`.
+
+  Summed as weighted marginal contributions ``U(S + i) - U(S)`` (not as
+  ``W^T U``, whose terms cancel only up to rounding), so a null player gets
+  exactly 0.  NumPy in, NumPy out; a JAX array (also traced) gives a JAX
+  array.
+  """
+  n = int(u.shape[0]).bit_length() - 1
+  without, with_, w = _marginal_pairs(n)
+  xp = _xp(u)
+  return xp.sum(xp.asarray(w, u.dtype) * (u[with_] - u[without]), axis=1)
 
 
 def permutations(key: jax.Array, num_permutations: int, num_players: int,
@@ -66,11 +84,6 @@ def permutations(key: jax.Array, num_permutations: int, num_players: int,
     perms = jnp.stack([perms, perms[:, ::-1]], axis=1).reshape(
         num_permutations, num_players)
   return perms
-
-
-def _xp(x):
-  """NumPy for NumPy inputs (the float64 ground truth), else ``jax.numpy``."""
-  return np if isinstance(x, np.ndarray) else jnp
 
 
 def prefix_masks(ranks) -> jax.Array:

@@ -461,8 +461,8 @@ def exact_shapley(
         "Use monte_carlo_shapley instead."
     )
   masks = shapley.subset_masks(n)
-  u = _evaluate(utility, masks.astype(np.float64), chunk_size, dtype)
-  return shapley.shapley_weights(n).T @ u
+  return shapley.exact_values(
+      _evaluate(utility, masks.astype(np.float64), chunk_size, dtype))
 
 
 def monte_carlo_shapley(
