@@ -20,8 +20,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/optax-shapley demo
 
+# pytest-xdist: TEST_WORKERS processes (the same tests, split between them;
+# tests sharing a trained module fixture stay together, see tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) runs

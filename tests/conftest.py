@@ -21,6 +21,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 if (os.environ.get("OPTAX_SHAPLEY_TEST_CACHE", "1") != "0"
     and "JAX_COMPILATION_CACHE_DIR" not in os.environ):
   _dir = tempfile.mkdtemp(prefix="optax-shapley-jax-cache-")
@@ -43,3 +45,37 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(
       os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
+
+# pytest-xdist (`make test` runs `pytest -n 2`): tests are sent to the
+# workers one at a time, except these groups, which share an expensive
+# module-scoped fixture and go to one worker together, which computes it
+# once.  (xdist's own `xdist_group` marks are not used: with pytest >= 9.2
+# they have no effect, since pytest no longer reads the node id that xdist
+# rewrites.)  The groups are listed first, so the long ones start early.
+_GROUPED_MODULES = ("tests/test_demo.py", "tests/test_fidelity.py",
+                    "tests/test_fidelity_report.py")
+_GROUPED_BY_FIXTURE = {"tests/test_models_e2e.py": ("cnn_run",
+                                                    "transformer_run")}
+
+
+def _xdist_scope(nodeid):
+  module, _, name = nodeid.partition("::")
+  if module in _GROUPED_MODULES:
+    return module
+  for fixture in _GROUPED_BY_FIXTURE.get(module, ()):
+    if fixture in name:
+      return f"{module}::{fixture}"
+  return nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue("dist") != "load":
+    return None                   # another --dist asked for: xdist's own
+  from xdist.scheduler import LoadScopeScheduling
+
+  class GroupedLoad(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return _xdist_scope(nodeid)
+
+  return GroupedLoad(config, log)
