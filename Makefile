@@ -25,8 +25,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/optax-shapley demo
 
+# pytest-xdist: TEST_WORKERS processes (the same tests, split between them;
+# tests sharing a trained module fixture stay together, see tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # HTML in docs/_build/html. Warnings are errors (-W; docs/conf.py is nitpicky,
 # so every reference must resolve); -E rereads every page: Sphinx does not

@@ -21,22 +21,32 @@ BATCH_IDS = [np.array(b) for b in ([0, 3, 5, 7, 11, 19], [3, 4, 5, 6, 12, 18],
                                    [19, 0, 2, 8, 9, 3])]
 
 
-def run(tx, weights=None, vl=val_loss):
-  """Values after len(BATCH_IDS) steps, and the last step's values."""
+def runner(tx, weights=None, vl=val_loss):
+  """``go(*vl_args)``: a run from PARAMS with validation loss
+  ``vl(params, *vl_args)``; values after len(BATCH_IDS) steps, and the last
+  step's values.  ``vl_args`` are arguments of the compiled step, so runs
+  that differ only in them (one per target row) share one compilation."""
   @jax.jit
-  def step(params, state, x, y, ids):
+  def step(params, state, x, y, ids, vl_args):
     _, g, f = oxs.value_grad_and_factors(per_example_loss)(params, x, y)
     extra = {} if weights is None else {"val_weights": weights}
     u, state = tx.update(g, state, params, factors=f, example_ids=ids,
-                         val_loss=vl, **extra)
+                         val_loss=lambda p: vl(p, *vl_args), **extra)
     return optax.apply_updates(params, u), state
 
-  params, state = PARAMS, tx.init(PARAMS)
-  for ids in BATCH_IDS:
-    params, state = step(params, state, X_ALL[ids], Y_ALL[ids],
-                         jnp.asarray(ids, jnp.int32))
-  oxs.check(state)
-  return np.asarray(oxs.values(state)), np.asarray(oxs.step_values(state))
+  def go(*vl_args):
+    params, state = PARAMS, tx.init(PARAMS)
+    for ids in BATCH_IDS:
+      params, state = step(params, state, X_ALL[ids], Y_ALL[ids],
+                           jnp.asarray(ids, jnp.int32), vl_args)
+    oxs.check(state)
+    return np.asarray(oxs.values(state)), np.asarray(oxs.step_values(state))
+  return go
+
+
+def run(tx, weights=None, vl=val_loss):
+  """Values after len(BATCH_IDS) steps, and the last step's values."""
+  return runner(tx, weights, vl)()
 
 
 def weights():
@@ -45,10 +55,14 @@ def weights():
   return np.concatenate([w, mixed[None], oxs.mean_target(V)])  # [K=5, V]
 
 
-def single_target(row):
-  """The same target as a plain run: mean of V * W[k, v] * l_v."""
-  row = jnp.asarray(row)
-  return lambda p: V * row * val_loss(p)
+def single_target(p, scaled_row):
+  """The same target as a plain run: mean of V * W[k, v] * l_v, with
+  ``scaled_row = V * W[k]`` (see :func:`scaled`)."""
+  return scaled_row * val_loss(p)
+
+
+def scaled(row):
+  return V * jnp.asarray(row)
 
 
 ADAM = dict(learning_rate=LR, b1=0.9, b2=0.999, eps=1e-8, elementwise=True)
@@ -63,10 +77,12 @@ def test_each_target_equals_its_own_run(metric, evaluation):
                         evaluation=evaluation, num_targets=len(w), **ADAM)
   vals, step = run(tx, w)
   assert vals.shape == (N, len(w)) and step.shape == (B, len(w))
+  # One plain single-target run per row, all through one compiled step.
+  tx1 = oxs.with_shapley(optax.adam(LR), num_examples=N, metric=metric,
+                         evaluation=evaluation, **ADAM)
+  single = runner(tx1, vl=single_target)
   for k, row in enumerate(w):
-    tx1 = oxs.with_shapley(optax.adam(LR), num_examples=N, metric=metric,
-                           evaluation=evaluation, **ADAM)
-    ref, _ = run(tx1, vl=single_target(row))
+    ref, _ = single(scaled(row))
     np.testing.assert_allclose(vals[:, k], ref, rtol=2e-4,
                                atol=2e-4 * np.abs(ref).max())
   # The mean row is the default target.
