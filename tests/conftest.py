@@ -18,6 +18,7 @@
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 
@@ -48,14 +49,16 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:
 
 # pytest-xdist (`make test` runs `pytest -n 2`): tests are sent to the
 # workers one at a time, except these groups, which share an expensive
-# module-scoped fixture and go to one worker together, which computes it
-# once.  (xdist's own `xdist_group` marks are not used: with pytest >= 9.2
+# module-scoped fixture (or a memoized run) and go to one worker together,
+# which computes it once.  (xdist's own `xdist_group` marks are not used: with pytest >= 9.2
 # they have no effect, since pytest no longer reads the node id that xdist
 # rewrites.)  The groups are listed first, so the long ones start early.
 _GROUPED_MODULES = ("tests/test_demo.py", "tests/test_fidelity.py",
-                    "tests/test_fidelity_report.py")
+                    "tests/test_fidelity_report.py", "tests/test_ghost.py")
 _GROUPED_BY_FIXTURE = {"tests/test_models_e2e.py": ("cnn_run",
                                                     "transformer_run")}
+# The pmap and shard_map cases of one test share its single-device run.
+_GROUPED_ACROSS_MODES = ("tests/test_data_parallel.py",)
 
 
 def _xdist_scope(nodeid):
@@ -65,6 +68,8 @@ def _xdist_scope(nodeid):
   for fixture in _GROUPED_BY_FIXTURE.get(module, ()):
     if fixture in name:
       return f"{module}::{fixture}"
+  if module in _GROUPED_ACROSS_MODES:
+    return re.sub(r"\[(pmap|shard_map)-?", "[", nodeid)
   return nodeid
 
 
