@@ -37,8 +37,38 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:
 
 import jax  # noqa: E402  (after the environment above)
 
+
+def _write_cache_entries_atomically():
+  """JAX writes a cache entry in place, without a lock (unless a size limit
+  is set, whose eviction rescans the whole directory on every write), so a
+  process looking up the same key mid-write reads a truncated entry: a
+  warning and a recompile.  The xdist workers run the same module-level
+  code while collecting, so they do meet.  Entries are written under a
+  temporary name and renamed into place instead."""
+  try:
+    from jax._src import lru_cache
+    cls, suffix = lru_cache.LRUCache, lru_cache._CACHE_SUFFIX
+  except (ImportError, AttributeError):      # another JAX: leave it be
+    return
+  original = cls.put
+
+  def put(self, key, value):
+    if (not key or getattr(self, "eviction_enabled", True)
+        or not getattr(self, "_is_local", False)):
+      return original(self, key, value)
+    path = self.path / f"{key}{suffix}"
+    if path.exists():
+      return
+    tmp = self.path / f".{key}.{os.getpid()}.tmp"
+    tmp.write_bytes(value)
+    os.replace(tmp, path)
+
+  cls.put = put
+
+
 jax.config.update("jax_num_cpu_devices", 8)
 if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+  _write_cache_entries_atomically()
   jax.config.update("jax_compilation_cache_dir",
                     os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(
