@@ -22,14 +22,16 @@ demo: $(STAMP)
 
 # pytest-xdist: TEST_WORKERS processes (the same tests, split between them;
 # tests sharing a trained module fixture stay together, see tests/conftest.py).
+# PYTEST_ARGS: more pytest options, e.g. PYTEST_ARGS=--durations=20.
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 # The end-to-end checks marked slow (multi-process runs of the examples).
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
