@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: venv demo test docs clean
+.PHONY: venv demo test test-slow docs clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "no Python >= 3.11 found" >&2; exit 1; }
@@ -27,10 +27,16 @@ demo: $(STAMP)
 
 # pytest-xdist: TEST_WORKERS processes (the same tests, split between them;
 # tests sharing a trained module fixture stay together, see tests/conftest.py).
+# PYTEST_ARGS: more pytest options, e.g. PYTEST_ARGS=--durations=20.
 TEST_WORKERS ?= 2
+PYTEST_ARGS ?=
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+
+# The end-to-end checks marked slow (multi-process runs of the examples).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 # HTML in docs/_build/html. Warnings are errors (-W; docs/conf.py is nitpicky,
 # so every reference must resolve); -E rereads every page: Sphinx does not

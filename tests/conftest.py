@@ -18,6 +18,7 @@
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 
@@ -36,8 +37,38 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:
 
 import jax  # noqa: E402  (after the environment above)
 
+
+def _write_cache_entries_atomically():
+  """JAX writes a cache entry in place, without a lock (unless a size limit
+  is set, whose eviction rescans the whole directory on every write), so a
+  process looking up the same key mid-write reads a truncated entry: a
+  warning and a recompile.  The xdist workers run the same module-level
+  code while collecting, so they do meet.  Entries are written under a
+  temporary name and renamed into place instead."""
+  try:
+    from jax._src import lru_cache
+    cls, suffix = lru_cache.LRUCache, lru_cache._CACHE_SUFFIX
+  except (ImportError, AttributeError):      # another JAX: leave it be
+    return
+  original = cls.put
+
+  def put(self, key, value):
+    if (not key or getattr(self, "eviction_enabled", True)
+        or not getattr(self, "_is_local", False)):
+      return original(self, key, value)
+    path = self.path / f"{key}{suffix}"
+    if path.exists():
+      return
+    tmp = self.path / f".{key}.{os.getpid()}.tmp"
+    tmp.write_bytes(value)
+    os.replace(tmp, path)
+
+  cls.put = put
+
+
 jax.config.update("jax_num_cpu_devices", 8)
 if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+  _write_cache_entries_atomically()
   jax.config.update("jax_compilation_cache_dir",
                     os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float(
@@ -48,14 +79,16 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:
 
 # pytest-xdist (`make test` runs `pytest -n 2`): tests are sent to the
 # workers one at a time, except these groups, which share an expensive
-# module-scoped fixture and go to one worker together, which computes it
-# once.  (xdist's own `xdist_group` marks are not used: with pytest >= 9.2
+# module-scoped fixture (or a memoized run) and go to one worker together,
+# which computes it once.  (xdist's own `xdist_group` marks are not used: with pytest >= 9.2
 # they have no effect, since pytest no longer reads the node id that xdist
 # rewrites.)  The groups are listed first, so the long ones start early.
 _GROUPED_MODULES = ("tests/test_demo.py", "tests/test_fidelity.py",
-                    "tests/test_fidelity_report.py")
+                    "tests/test_fidelity_report.py", "tests/test_ghost.py")
 _GROUPED_BY_FIXTURE = {"tests/test_models_e2e.py": ("cnn_run",
                                                     "transformer_run")}
+# The pmap and shard_map cases of one test share its single-device run.
+_GROUPED_ACROSS_MODES = ("tests/test_data_parallel.py",)
 
 
 def _xdist_scope(nodeid):
@@ -65,6 +98,8 @@ def _xdist_scope(nodeid):
   for fixture in _GROUPED_BY_FIXTURE.get(module, ()):
     if fixture in name:
       return f"{module}::{fixture}"
+  if module in _GROUPED_ACROSS_MODES:
+    return re.sub(r"\[(pmap|shard_map)-?", "[", nodeid)
   return nodeid
 
 

@@ -2,6 +2,7 @@
 jax.shard_map (2 simulated CPU devices, tests/conftest.py) give the same
 values and step values."""
 
+import functools
 from functools import partial
 
 import jax
@@ -51,7 +52,10 @@ def _run_global_batches(step, tx):
   return out
 
 
+@functools.cache
 def single_device(metric, evaluation, **kw):
+  """The one-device reference run, computed once per estimator for the
+  pmap and the shard_map test (deterministic; arrays read-only)."""
   tx = make_tx(metric, evaluation, **kw)
 
   @jax.jit
@@ -60,7 +64,11 @@ def single_device(metric, evaluation, **kw):
     u, st = tx.update(g, st, p, factors=f, example_ids=ids, val_loss=val_loss)
     return optax.apply_updates(p, u), st
 
-  return _run_global_batches(step, tx)
+  out = _run_global_batches(step, tx)
+  for arrays in out:
+    for a in arrays:
+      a.flags.writeable = False
+  return out
 
 
 def with_pmap(metric, evaluation, **kw):

@@ -1,5 +1,7 @@
 """The ghost (pairwise) contraction for nn.Dense against the exact rule."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,11 @@ PARAMS = MODEL.init(_K[3], X[:B])["params"]
 pel, val_loss = toy.losses(MODEL, XV, YV)
 
 
+@functools.cache
 def _values(contraction, metric, steps=4, **kw):
+  """Step values of ``steps`` training steps, f32[steps, B] (read-only).
+  Deterministic, so computed once per module for the tests that compare
+  against the same run (the exact sgd run, the rank-1 ghost secant run)."""
   tx = oxs.adam(1e-2, num_examples=N, batch_size=B, metric=metric,
                 evaluation="midpoint" if metric != "sgd" else "start",
                 contraction=contraction, **kw)
@@ -51,7 +57,9 @@ def _values(contraction, metric, steps=4, **kw):
     p, s = step(p, s, X[ids], Y[ids], jnp.asarray(ids))
     out.append(np.asarray(oxs.step_values(s)))
   oxs.check(s)
-  return np.stack(out)
+  out = np.stack(out)
+  out.flags.writeable = False
+  return out
 
 
 def test_ghost_values_match_the_dense_contraction():

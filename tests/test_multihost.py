@@ -14,6 +14,13 @@ EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples",
                        "lm_data_parallel.py")
 STEPS = 4
 
+# Eight example processes (imports, compiles, gloo over loopback): about two
+# minutes of CPU, the most of any module.  Not in `make test`; .ci/run runs
+# them after it (`make test-slow`).  The single-process pieces (shard_map
+# over a data mesh, sharded tables, bit-identical checkpoint resume) are
+# unit-tested in test_scale.py, test_data_parallel.py and test_checkpoint.py.
+pytestmark = pytest.mark.slow
+
 
 def _free_port() -> int:
   with socket.socket() as s:
