@@ -44,6 +44,10 @@ class Settings(NamedTuple):
     secant_nodes: Gauss-Legendre nodes of the secant for optimizers that mix
       coordinates.
     coalition_permutations: permutations per step of ``"coalitions"``.
+    coalition_chunk: coalitions whose updates are formed at once.
+    exact_threshold: ``"auto"`` credits a step by ``"coalitions"`` where
+      its :func:`~optax_shapley.metrics.ray_nonlinearity` is above this.
+    exact_memory: the bytes those steps may use, or ``None``: no bound.
   """
   learning_rate: Any = None
   b1: float | None = None
@@ -54,6 +58,9 @@ class Settings(NamedTuple):
   adam_closed_form: bool = False
   secant_nodes: int = 3
   coalition_permutations: int = 64
+  coalition_chunk: int = 16
+  exact_threshold: float = 0.1
+  exact_memory: int | None = 2 ** 30
 
 
 class Step(NamedTuple):
@@ -112,6 +119,11 @@ class Metric:
       not linear in ``x_i`` (it forms the per-example gradient shares
       ``x_i``, leaves ``[B, ...]``: ``B`` times the parameters' memory);
       ``None`` for the one-direction metrics.
+    exact: for a one-direction metric, the per-example-gradient metric that
+      replaces it at the steps where ``exact_when`` holds; ``None``: never.
+    exact_when: ``(settings, step, w) -> bool[]`` with ``w = |grad L|``
+      (summed over targets), traced: whether this step is credited by
+      ``exact``.  The same on every device.
   """
   name: str
   requires: tuple[str, ...] = ()
@@ -120,6 +132,8 @@ class Metric:
   scale: Callable[[Settings, Step], Any] | None = None
   direction: Callable[[Settings, Step, Any], Any] | None = None
   values: Callable[[Settings, Step, Any, Any], jax.Array] | None = None
+  exact: Metric | None = None
+  exact_when: Callable[[Settings, Step, Any], jax.Array] | None = None
 
   @property
   def linear(self) -> bool:
@@ -151,7 +165,8 @@ def _coalition_values(settings: Settings, step: Step, shares, v):
   key = jax.random.fold_in(jax.random.key(0), step.count)
   run = lambda s: metrics.coalition_values(
       step.update_of, step.u_0, s, v, key,
-      num_permutations=settings.coalition_permutations)
+      num_permutations=settings.coalition_permutations,
+      batch_size=settings.coalition_chunk)
   if step.axis_name is None:
     return run(shares)
   local = jax.tree.leaves(shares)[0].shape[0]
@@ -202,9 +217,26 @@ REMOVAL = Metric(
 COALITIONS = Metric(name="coalitions", needs_zero_update=_always,
                     values=_coalition_values)
 
+def _nonlinear_step(settings: Settings, step: Step, weight) -> jax.Array:
+  nu = metrics.ray_nonlinearity(step.update_of, step.late_grads, step.u_g,
+                                step.u_0, weight)
+  hit = nu > settings.exact_threshold
+  if step.axis_name is not None:     # one branch on every device
+    hit = jax.lax.pmax(hit.astype(jnp.int32), step.axis_name) > 0
+  return hit
+
+
+#: The default: the secant, and exact Shapley of the real update
+#: (``coalitions``) at the steps where the secant cannot follow it, decided
+#: per step by :func:`~optax_shapley.metrics.ray_nonlinearity` (Adam's
+#: sign-descent first steps, and again after a restart of its moments).
+AUTO = dataclasses.replace(
+    SECANT, name="auto", needs_zero_update=_always, exact=COALITIONS,
+    exact_when=_nonlinear_step)
+
 #: Every metric, by name.
 METRICS: dict[str, Metric] = {
-    m.name: m for m in (SGD, FIXED_STATE, LINEARIZED, SECANT, REMOVAL,
+    m.name: m for m in (AUTO, SGD, FIXED_STATE, LINEARIZED, SECANT, REMOVAL,
                         COALITIONS)}
 
 

@@ -25,6 +25,9 @@ class ShapleyState(NamedTuple):
     skipped: int32, number of steps whose credit was skipped (see ``error``).
     error: int32 bitmask of the reasons credit was skipped
       (:data:`optax_shapley.checks.STEP_ERRORS`).
+    exact_steps: int32, number of credited steps that an estimator with an
+      exact fallback (``metric="auto"``) credited by exact Shapley values of
+      the real update instead of its one-direction metric.
   """
   inner_state: optax.OptState
   values: jax.Array
@@ -32,6 +35,7 @@ class ShapleyState(NamedTuple):
   count: jax.Array
   skipped: jax.Array
   error: jax.Array
+  exact_steps: jax.Array
 
 
 def find_state(state) -> ShapleyState:

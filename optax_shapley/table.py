@@ -130,10 +130,10 @@ def state_partition_specs(state, axis_name: str):
 
   def spec(x):
     if is_state(x):
-      return ShapleyState(
+      scalars = ShapleyState(*[P()] * len(ShapleyState._fields))
+      return scalars._replace(
           inner_state=jax.tree.map(lambda _: P(), x.inner_state),
-          values=P(axis_name), step_values=P(), count=P(), skipped=P(),
-          error=P())
+          values=P(axis_name))
     return P()
 
   return jax.tree.map(spec, state, is_leaf=is_state)

@@ -25,6 +25,7 @@ the checks (:mod:`~optax_shapley.checks`) and the values table
 from __future__ import annotations
 
 from typing import Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ def with_shapley(
     inner: optax.GradientTransformation,
     *,
     num_examples: int,
-    metric: str | Sequence[str] = "secant",
+    metric: str | Sequence[str] = "auto",
     evaluation: str | Sequence[str] = "midpoint",
     batch_size: int | None = None,
     contraction: str = "auto",
@@ -58,6 +59,9 @@ def with_shapley(
     elementwise: bool = False,
     secant_nodes: int = 3,
     coalition_permutations: int = 64,
+    coalition_chunk: int = 16,
+    exact_threshold: float = 0.1,
+    exact_memory: int | None = 2 ** 30,
     ghost_rank: int = 1,
     ghost_tol: float | None = 0.03,
     num_targets: int | None = None,
@@ -177,7 +181,9 @@ def with_shapley(
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps,
       fixed_state_previous=fixed_state_previous, elementwise=elementwise,
       adam_closed_form=closed_form == "adam", secant_nodes=secant_nodes,
-      coalition_permutations=coalition_permutations)
+      coalition_permutations=coalition_permutations,
+      coalition_chunk=coalition_chunk, exact_threshold=exact_threshold,
+      exact_memory=exact_memory)
   ests = estimators.resolve(metric, evaluation, settings)
   linear = tuple(k for k, e in enumerate(ests) if e.metric.linear)
   need_zero = any(e.needs_zero_update(settings) for e in ests)
@@ -193,6 +199,7 @@ def with_shapley(
         count=jnp.zeros([], jnp.int32),
         skipped=jnp.zeros([], jnp.int32),
         error=jnp.zeros([], jnp.int32),
+        exact_steps=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, factors=None, example_ids=None,
@@ -220,12 +227,12 @@ def with_shapley(
               for name, e in evaluations.items()}
     val = validation.run(val_loss, points, weights, keep_factors=bool(plans))
     step, g_dot = _read_back_gradient(step, settings)
-    local, mismatch = _step_values(
+    local, mismatch, exact = _step_values(
         ests, linear, settings, step, val, weights, num_targets, frozen,
         factors, plans, g_dot, ghost_rank, ghost_tol, axis_name)
     error = mismatch | checks.bits(checks.NON_FINITE, ~val.finite)
-    return step.u_g, _credit(state, step.new_state, local, ids, error, multi,
-                             table, num_examples, axis_name)
+    return step.u_g, _credit(state, step.new_state, local, ids, error, exact,
+                             multi, table, num_examples, axis_name)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -264,7 +271,8 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
                  frozen, factors, plans, g_dot, ghost_rank, ghost_tol,
                  axis_name):
   """This device's values, f32[B_local, E] (``[B_local, E, K]`` with
-  targets), and the int32 error of the add-up and rescale checks."""
+  targets), the int32 error of the add-up and rescale checks, and whether
+  an estimator credited this step by its exact metric (bool[])."""
   # Under data parallelism x_i carries 1/B_local for a mean; 1/B_global wanted.
   dp_mean = axis_name is not None and factors.reduction == "mean"
   n_dev = jax.lax.psum(1, axis_name) if dp_mean else 1
@@ -297,19 +305,58 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     lin = lin.reshape((lin.shape[0], len(linear), num_k))
     for j, k in enumerate(linear):
       columns[k] = lin[:, j] if weights is not None else lin[:, j, 0]
+  shares = lambda: jax.tree.map(lambda x: x / n_dev, per_example_grads(
+      factors, step.grads, frozen))
+
+  def values_of(metric, name, x):
+    column = lambda v: metric.values(settings, step, x, v)
+    v = val.grads[name]
+    # Targets: vmap over the K gradients; the updates do not depend on
+    # them, so only the final dot products are batched.
+    return column(v) if weights is None else jax.vmap(column, out_axes=1)(v)
+
+  exact = jnp.zeros([], bool)
   if len(linear) < len(ests):
-    shares = jax.tree.map(lambda x: x / n_dev, per_example_grads(
-        factors, step.grads, frozen))
+    x = shares()
     for k, est in enumerate(ests):
-      if est.metric.linear:
-        continue
-      column = lambda v, m=est.metric: m.values(settings, step, shares, v)
-      v = val.grads[est.evaluation.name]
-      # Targets: vmap over the K gradients; the updates do not depend on
-      # them, so only the final dot products are batched.
-      columns[k] = (column(v) if weights is None
-                    else jax.vmap(column, out_axes=1)(v))
-  return jnp.stack(columns, axis=1), mismatch
+      if not est.metric.linear:
+        columns[k] = values_of(est.metric, est.evaluation.name, x)
+  for k, est in enumerate(ests):
+    metric = est.metric
+    if metric.exact is None or not _exact_fits(settings, factors, step):
+      continue
+    v = val.grads[est.evaluation.name]
+    weight = jax.tree.map(lambda a: jnp.abs(a.astype(jnp.float32)) if
+                          weights is None else jnp.abs(a).sum(0), v)
+    hit = metric.exact_when(settings, step, weight)
+    columns[k] = jax.lax.cond(
+        hit, lambda m=metric.exact, n=est.evaluation.name: values_of(
+            m, n, shares()).astype(jnp.float32),
+        lambda c=columns[k]: c.astype(jnp.float32))
+    exact = exact | hit
+  return jnp.stack(columns, axis=1), mismatch, exact
+
+
+def _exact_fits(settings, factors, step) -> bool:
+  """Whether the exact steps' per-example gradients and coalition updates,
+  ``(B + 3 coalition_chunk) * P`` float32 numbers (``B`` global under data
+  parallelism), fit in ``settings.exact_memory`` bytes (trace time); warns
+  once per trace where they do not."""
+  if settings.exact_memory is None:
+    return True
+  size = sum(int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(step.grads))
+  b = factors.batch_size * (jax.lax.psum(1, step.axis_name)
+                            if step.axis_name is not None else 1)
+  need = 4 * size * (b + 3 * settings.coalition_chunk)
+  if need <= settings.exact_memory:
+    return True
+  warnings.warn(
+      f"metric='auto' credits every step by the secant: its exact steps "
+      f"would need {need / 2**20:.0f} MiB for {b} per-example gradients of "
+      f"{size} parameters, over exact_memory={settings.exact_memory} bytes. "
+      "Adam's first steps are then misread (see the estimators guide); raise "
+      "exact_memory, or warm the learning rate up from 0.", stacklevel=2)
+  return False
 
 
 def _directions(linear_ests, settings, step, val, weights, frozen):
@@ -334,8 +381,8 @@ def _directions(linear_ests, settings, step, val, weights, frozen):
   return dirs, scales
 
 
-def _credit(state, new_inner, local, ids, error, multi, table, num_examples,
-            axis_name) -> ShapleyState:
+def _credit(state, new_inner, local, ids, error, exact, multi, table,
+            num_examples, axis_name) -> ShapleyState:
   """The new state: the step's values gathered, checked and added."""
   ids = ids.astype(jnp.int32)
   if axis_name is not None:
@@ -354,6 +401,7 @@ def _credit(state, new_inner, local, ids, error, multi, table, num_examples,
       count=state.count + 1,
       skipped=state.skipped + (~ok).astype(jnp.int32),
       error=state.error | error,
+      exact_steps=state.exact_steps + (ok & exact).astype(jnp.int32),
   )
 
 
@@ -367,7 +415,7 @@ def _zero_leaves(tree, indices):
 
 
 def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-         *, num_examples: int, metric="secant", evaluation="midpoint",
+         *, num_examples: int, metric="auto", evaluation="midpoint",
          **kwargs) -> optax.GradientTransformationExtraArgs:
   """``optax.adam`` with in-run data Shapley values (see :func:`with_shapley`).
 
@@ -409,7 +457,7 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 
 def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          weight_decay: float = 1e-4, *, num_examples: int, metric="secant",
+          weight_decay: float = 1e-4, *, num_examples: int, metric="auto",
           evaluation="midpoint", mask=None,
           **kwargs) -> optax.GradientTransformationExtraArgs:
   """``optax.adamw`` with in-run data Shapley values (see :func:`with_shapley`).
@@ -426,7 +474,7 @@ def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 
 
 def sgd(learning_rate, momentum: float | None = None, nesterov: bool = False,
-        *, num_examples: int, metric="secant", evaluation="midpoint",
+        *, num_examples: int, metric="auto", evaluation="midpoint",
         **kwargs) -> optax.GradientTransformationExtraArgs:
   """``optax.sgd`` with in-run data Shapley values (see :func:`with_shapley`).
 

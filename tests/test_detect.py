@@ -47,7 +47,7 @@ def test_first_step_by_coalitions_then_default():
   val_loss = lambda p: pel(p, xv, yv)
   n, b = len(split.y_train), 8
   first = oxs.adam(1e-2, num_examples=n, metric="coalitions", batch_size=b)
-  tx = oxs.adam(1e-2, num_examples=n, batch_size=b)
+  tx = oxs.adam(1e-2, num_examples=n, batch_size=b, metric="secant")
 
   def make(t):
     @jax.jit

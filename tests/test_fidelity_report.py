@@ -47,6 +47,8 @@ def test_default_estimator_and_references_meet_their_targets(mlp_report):
   report, _ = mlp_report
   for t in (3, 6):
     assert _r(report, t, "secant@midpoint") >= 0.999
+  for t in (1, 3, 6):
+    assert _r(report, t, "auto@midpoint") >= 0.999
   for t in (1, 3, 6):   # the per-example-gradient references, step 1 included
     assert _r(report, t, "coalitions@midpoint") >= 0.999
     assert _r(report, t, "removal@end", "loo") >= 0.999
@@ -55,9 +57,12 @@ def test_default_estimator_and_references_meet_their_targets(mlp_report):
   acc = report["models"][0]["accumulated"]
   assert acc["epochs"] == 2 and acc["steps"] == 4
   assert acc["coalitions@midpoint"]["pearson"] >= 0.999
-  # Step 1 by coalitions lifts the default's accumulated values.
-  swap = acc[F.FIRST_STEP_SWAP]["pearson"]
-  assert swap >= 0.99 and swap > acc["secant@midpoint"]["pearson"]
+  # The default credits Adam's sign-descent steps exactly, which lifts its
+  # accumulated values above the secant's.
+  auto = acc["auto@midpoint"]
+  assert acc["exact_steps"] >= 1
+  assert auto["pearson"] >= 0.99 and abs(auto["slope"] - 1) <= 0.05
+  assert auto["pearson"] > acc["secant@midpoint"]["pearson"]
 
 
 def test_monte_carlo_truth_beyond_12_players():

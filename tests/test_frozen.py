@@ -110,7 +110,7 @@ def test_frozen_fallback_leaf_costs_no_forward_mode_pass():
 
   def traces_of(frozen):
     traces.clear()
-    tx = oxs.with_shapley(frozen_optimizer(frozen), num_examples=N,
+    tx = oxs.with_shapley(frozen_optimizer(frozen), num_examples=N, metric="secant",
                           batch_size=B)
     ids = IDS[0]
     x, y = X[ids], Y[ids]

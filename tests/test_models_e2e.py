@@ -1,7 +1,7 @@
 """End to end: the bundled CNN and character transformer against exact Shapley.
 
-Each model is trained with ``oxs.adam(1e-3, ...)`` (default estimator,
-``secant`` at the ``midpoint``), B = 10, seed 0.  At steps 6 and 11 the exact
+Each model is trained with ``oxs.adam(1e-3, ..., metric="secant")`` (the
+one-direction secant at the ``midpoint``), B = 10, seed 0.  At steps 6 and 11 the exact
 Shapley values of the real Adam step (all 2^10 coalitions re-run in float64,
 :mod:`optax_shapley.truth`) are computed from the state and parameters
 *before* the step and compared with ``oxs.step_values`` after it.  At step 3
@@ -95,7 +95,7 @@ def _train_and_compare(per_example_loss, params, train, val_loss):
   the truth is of the real Adam step, except at ``EARLY``, where it is of
   :func:`_secant_adam`'s step."""
   n = len(train[0])
-  tx = oxs.adam(LR, num_examples=n, batch_size=B)
+  tx = oxs.adam(LR, num_examples=n, batch_size=B, metric="secant")
   state = tx.init(params)
 
   @jax.jit

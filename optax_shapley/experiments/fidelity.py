@@ -48,16 +48,17 @@ from optax_shapley.experiments import reports
 
 MODELS = problems.MODELS
 DEFAULT_STEPS = (1, 2, 3, 6, 21, 101, 301, 1001)
-# Every one-direction metric at every evaluation point, plus the two
+# The default, every one-direction metric at every evaluation point, plus the two
 # per-example-gradient references: exact removal at the end (leave-one-out)
 # and Shapley of the update re-run on coalitions at the midpoint.
-ESTIMATORS = tuple((m, e) for m in ("sgd", "fixed_state", "linearized", "secant")
-                   for e in ("start", "midpoint", "end")) + (
-                       ("removal", "end"), ("coalitions", "midpoint"))
+ESTIMATORS = (("auto", "midpoint"),) + tuple(
+    (m, e) for m in ("sgd", "fixed_state", "linearized", "secant")
+    for e in ("start", "midpoint", "end")) + (
+        ("removal", "end"), ("coalitions", "midpoint"))
 # Estimators whose semantics is leave-one-out rather than Shapley.
 LOO_ESTIMATORS = (("linearized", "end"), ("removal", "end"))
-# The whole-run row of the default estimator with step 1 by coalitions.
-FIRST_STEP_SWAP = "secant@midpoint, step 1 by coalitions"
+# The default estimator.
+DEFAULT = ("auto", "midpoint")
 
 
 def estimator_name(metric: str, evaluation: str) -> str:
@@ -314,12 +315,11 @@ def run_accumulation(problem: Problem, cfg: Config,
   Returns:
     dict with ``examples``, ``epochs``, ``steps``, ``seconds`` and, per
     estimator, Pearson and Spearman R of the accumulated values against the
-    summed exact Shapley values, and Pearson R without step 1 (Adam's sign
-    step; ``pearson_from_step_2``).  Also :data:`FIRST_STEP_SWAP`: the
-    default estimator with its step-1 values replaced by those of
-    ``coalitions@midpoint``, which is what a run gets when its first step
-    uses a ``metric="coalitions"`` transformation (same state layout) and
-    later steps the default.
+    summed exact Shapley values, the slope of the least-squares line of
+    the accumulated values on those sums (``slope``, 1 = the right scale),
+    and Pearson R without step 1 (Adam's sign step;
+    ``pearson_from_step_2``); ``exact_steps``: how many steps the default
+    credited by exact Shapley values of the real update.
   """
   t0 = time.perf_counter()
   b = cfg.batch_size
@@ -357,19 +357,16 @@ def run_accumulation(problem: Problem, cfg: Config,
   acc_values = np.asarray(oxs.values(state), np.float64)
   later_truth, later_values = acc_truth - first_truth, acc_values - first_values
   out = dict(examples=n, epochs=cfg.accumulate_epochs, steps=t,
+             exact_steps=int(state.exact_steps),
              seconds=time.perf_counter() - t0)
   columns = {estimator_name(m, e): acc_values[:, j]
              for j, (m, e) in enumerate(ESTIMATORS)}
   later_columns = {estimator_name(m, e): later_values[:, j]
                    for j, (m, e) in enumerate(ESTIMATORS)}
-  default = ESTIMATORS.index(("secant", "midpoint"))
-  coal = ESTIMATORS.index(("coalitions", "midpoint"))
-  columns[FIRST_STEP_SWAP] = (acc_values[:, default] - first_values[:, default]
-                              + first_values[:, coal])
-  later_columns[FIRST_STEP_SWAP] = later_values[:, default]
   for name, v in columns.items():
     out[name] = dict(pearson=_pearson(v, acc_truth),
                      spearman=_spearman(v, acc_truth),
+                     slope=_slope(v, acc_truth),
                      pearson_from_step_2=_pearson(later_columns[name],
                                                   later_truth))
   return out
@@ -427,14 +424,14 @@ def format_model(result: dict) -> str:
   acc = result["accumulated"]
   if acc:
     pick = [estimator_name(m, e) for m, e in (
-        ("secant", "midpoint"), ("fixed_state", "start"),
-        ("coalitions", "midpoint"), ("sgd", "start"))] + [FIRST_STEP_SWAP]
+        DEFAULT, ("secant", "midpoint"), ("fixed_state", "start"),
+        ("coalitions", "midpoint"), ("sgd", "start"))]
     best = ", ".join(f"{name} {acc[name]['pearson']:.4f} "
-                     f"({acc[name]['pearson_from_step_2']:.4f})" for name in pick)
+                     f"[{acc[name]['slope']:.3f}]" for name in pick)
     lines.append(f"whole run ({acc['examples']} examples, {acc['epochs']} "
-                 f"epochs, {acc['steps']} steps): accumulated values, Pearson "
-                 f"R vs summed exact per-step Shapley (without step 1 in "
-                 f"brackets): {best}")
+                 f"epochs, {acc['steps']} steps, {acc['exact_steps']} of them "
+                 f"exact for the default): accumulated values, Pearson R "
+                 f"[slope] vs summed exact per-step Shapley: {best}")
   return "\n".join(lines) + "\n"
 
 
@@ -471,28 +468,29 @@ def format_markdown(report: dict) -> str:
         for s in steps) + " |")
     out.append("| U(B) - U(empty) | " + " | ".join(
         f"{s['whole_effect']:.3g}" for s in steps) + " |")
-    out.append("| efficiency gap, secant@midpoint | " + " | ".join(
-        f"{s['estimators']['secant@midpoint']['efficiency_gap']:+.3f}"
-        for s in steps) + " |")
+    for name in ("auto@midpoint", "secant@midpoint"):
+      out.append(f"| efficiency gap, {name} | " + " | ".join(
+          f"{s['estimators'][name]['efficiency_gap']:+.3f}"
+          for s in steps) + " |")
     acc = res["accumulated"]
     if acc:
       out.append(f"\nWhole run ({acc['examples']} training examples, "
                  f"{acc['epochs']} epochs, {acc['steps']} steps, exact truth at "
-                 f"every step): accumulated values against the summed exact "
+                 f"every step; the default credited {acc['exact_steps']} of "
+                 f"them exactly): accumulated values against the summed exact "
                  f"per-step Shapley values:\n")
-      out.append("| estimator | Pearson R | Spearman R | Pearson R, without "
-                 "step 1 |")
-      out.append("|---|---|---|---|")
-      for name in [estimator_name(m, e) for m, e in ESTIMATORS] + [
-          FIRST_STEP_SWAP]:
+      out.append("| estimator | Pearson R | slope | Spearman R | Pearson R, "
+                 "without step 1 |")
+      out.append("|---|---|---|---|---|")
+      for name in [estimator_name(m, e) for m, e in ESTIMATORS]:
         a = acc[name]
-        out.append(f"| {name} | {_cell(a['pearson'])} | "
+        out.append(f"| {name} | {_cell(a['pearson'])} | {a['slope']:.3f} | "
                    f"{_cell(a['spearman'])} | "
                    f"{_cell(a['pearson_from_step_2'])} |")
   return "\n".join(out) + "\n"
 
 
-PLOTTED = (("sgd", "start"), ("fixed_state", "start"), ("fixed_state", "midpoint"),
+PLOTTED = (DEFAULT, ("sgd", "start"), ("fixed_state", "start"), ("fixed_state", "midpoint"),
            ("secant", "midpoint"), ("linearized", "end"), ("removal", "end"),
            ("coalitions", "midpoint"))
 
