@@ -133,7 +133,8 @@ def state_partition_specs(state, axis_name: str):
       return ShapleyState(
           inner_state=jax.tree.map(lambda _: P(), x.inner_state),
           values=P(axis_name), step_values=P(), count=P(), skipped=P(),
-          error=P())
+          error=P(), first_error_step=P(), first_error=P(),
+          first_error_id=P())
     return P()
 
   return jax.tree.map(spec, state, is_leaf=is_state)

@@ -193,6 +193,9 @@ def with_shapley(
         count=jnp.zeros([], jnp.int32),
         skipped=jnp.zeros([], jnp.int32),
         error=jnp.zeros([], jnp.int32),
+        first_error_step=jnp.full([], -1, jnp.int32),
+        first_error=jnp.zeros([], jnp.int32),
+        first_error_id=jnp.full([], -1, jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, factors=None, example_ids=None,
@@ -346,6 +349,9 @@ def _credit(state, new_inner, local, ids, error, multi, table, num_examples,
   error = error | checks.step_error(ids, step_vals, num_examples)
   ok = error == 0
   credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
+  # Only the first failing step is recorded; later ones do not overwrite it.
+  first = ~ok & (state.first_error_step < 0)
+  keep = lambda new, old: jnp.where(first, new, old).astype(jnp.int32)
   return ShapleyState(
       inner_state=new_inner,
       values=tables.add(state.values, table, ids, credit, ok, num_examples,
@@ -354,6 +360,10 @@ def _credit(state, new_inner, local, ids, error, multi, table, num_examples,
       count=state.count + 1,
       skipped=state.skipped + (~ok).astype(jnp.int32),
       error=state.error | error,
+      first_error_step=keep(state.count + 1, state.first_error_step),
+      first_error=keep(error, state.first_error),
+      first_error_id=keep(checks.offending_id(ids, num_examples),
+                          state.first_error_id),
   )
 
 
@@ -470,22 +480,41 @@ def check(state) -> None:
   """Raises ``ValueError`` if any step's credit was skipped, naming why.
 
   Values of the other steps are untouched; the skipped steps added nothing.
-  The reasons are kept as bits of ``ShapleyState.error``
+  The message names the first skipped step, counted from 1 like
+  ``state.count`` (step ``t`` is the ``t``-th update), its reasons and, for
+  a bad example id, the id (the first out-of-range id of that batch, or one
+  that appeared twice), then the reasons of later skipped steps.  The
+  reasons are kept as bits of ``ShapleyState.error``
   (:data:`optax_shapley.checks.STEP_ERRORS`).
 
   Example:
-    >>> import jax.numpy as jnp, optax, optax_shapley as oxs
+    Three steps with a repeated id (``[3, 3]``) at the second:
+
+    >>> import jax, jax.numpy as jnp, optax, optax_shapley as oxs
     >>> params = {"w": jnp.zeros(3)}
+    >>> per_example_loss = lambda p, x: (x @ p["w"] - 1.0) ** 2   # -> f32[B]
+    >>> val_loss = lambda p: per_example_loss(p, jnp.ones((2, 3)))
     >>> tx = oxs.adam(1e-2, num_examples=5, batch_size=2)
     >>> state = tx.init(params)
-    >>> state = state._replace(error=jnp.int32(2), skipped=jnp.int32(1))
+    >>> @jax.jit
+    ... def step(params, state, x, ids):
+    ...   _, grads, factors = oxs.value_grad_and_factors(per_example_loss)(
+    ...       params, x)
+    ...   updates, state = tx.update(grads, state, params, factors=factors,
+    ...                              example_ids=ids, val_loss=val_loss)
+    ...   return optax.apply_updates(params, updates), state
+    >>> x = jnp.eye(2, 3)
+    >>> for ids in ([0, 1], [3, 3], [2, 4]):
+    ...   params, state = step(params, state, x, jnp.array(ids))
     >>> oxs.check(state)
     Traceback (most recent call last):
     ...
-    ValueError: 1 step(s) were not credited: an example id appeared twice in one batch. The values of the other steps are unaffected.
+    ValueError: step 2 was not credited: example id 3 appeared twice in one batch. The values of the other steps are unaffected.
   """
   s = find_state(state)
-  err, skipped = int(np.asarray(s.error).max()), int(np.asarray(s.skipped).max())
-  message = checks.describe(err, skipped)
+  read = lambda x: int(np.asarray(x).max())   # replicated over devices
+  message = checks.describe(
+      read(s.error), read(s.skipped), read(s.first_error_step),
+      read(s.first_error), read(s.first_error_id))
   if message:
     raise ValueError(message)

@@ -235,6 +235,44 @@ def test_traced_bad_ids_skip_the_step(ids, reason):
     oxs.check(good)
 
 
+@pytest.mark.parametrize("first_ids, bit, bad_id, reason", [
+    ([0, 1, N + 3, 3, -1, 5], 1, N + 3, "was out of range"),
+    ([0, 1, 9, 3, 9, 5], 2, 9, "appeared twice"),
+])
+def test_check_names_the_first_failing_step_and_its_id(first_ids, bit, bad_id,
+                                                       reason):
+  """Steps 1 and 3 are good; 2 fails on an id, 4 on a repeated id, 5 on a
+  NaN loss: check() names step 2 (counted from 1, like count) and its id;
+  the later failures do not overwrite it."""
+  tx = oxs.adam(LR, num_examples=N, batch_size=B)
+  step = make_step(tx)
+  x, y, _ = batch(BATCH_IDS[1])
+  nan_x = x.at[2, 1].set(jnp.nan)
+  params, state = PARAMS, tx.init(PARAMS)
+  for xs, ids in [(x, BATCH_IDS[0]), (x, first_ids), (x, BATCH_IDS[2]),
+                  (x, [0, 1, 2, 3, 2, 5]), (nan_x, BATCH_IDS[3])]:
+    params, state = step(params, state, xs, y, jnp.asarray(ids, jnp.int32))
+  assert int(state.skipped) == 3
+  assert (int(state.first_error_step), int(state.first_error),
+          int(state.first_error_id)) == (2, bit, bad_id)
+  later = "NaN" if bit == 2 else "appeared twice.*NaN"
+  with pytest.raises(ValueError, match=(
+      rf"^step 2 \(and 2 later step\(s\)\) were not credited: example id "
+      rf"{bad_id} {reason}[^.]*\. Later steps also: [^.]*{later}")):
+    oxs.check(state)
+
+
+def test_offending_id():
+  """The first out-of-range id of the batch, else one that appears twice,
+  else -1; also under jit."""
+  from optax_shapley import checks
+  find = jax.jit(checks.offending_id, static_argnums=1)
+  for ids, want in [([0, 7, N, -2, 7], N), ([4, 1, 2, 1, 2], 1),
+                    ([3, 0, 19, 5], -1), ([-5, 2], -5), ([6], -1)]:
+    got = find(jnp.asarray(ids, jnp.int32), N)
+    assert got.dtype == jnp.int32 and int(got) == want, (ids, int(got))
+
+
 def test_nan_loss_skips_the_step():
   tx = oxs.adam(LR, num_examples=N, batch_size=B)
   state, before = _one_good_step(tx)
