@@ -40,12 +40,20 @@ DUPLICATE_ID = StepError(2, "an example id appeared twice in one batch",
 NON_FINITE = StepError(
     4, "a step value was NaN or infinite (NaN/inf loss, gradient or "
     "validation loss)")
-#: The values did not add up to ``g . d`` (the add-up check).
+#: The values did not add up to ``g . d`` (the add-up check).  The causes
+#: are the user's, most likely first; a capture bug comes last.
 CAPTURE_MISMATCH = StepError(
-    8, "the per-example values did not add up to grads . d: the grads passed "
-    "to update are not the gradient of the batch the factors came from, or "
-    "the model uses a parameter outside the module calls the capture saw "
-    "(e.g. an L2 penalty or a kernel read directly); please report the model")
+    8, "the per-example values did not add up to grads . d. Likely causes: "
+    "(1) the grads passed to update and the factors were computed from "
+    "different batches (pass the grads value_grad_and_factors returned with "
+    "its factors); (2) gradient accumulation nested the wrong way: "
+    "optax.MultiSteps(oxs.adam(...)) instead of "
+    "oxs.with_shapley(optax.MultiSteps(optax.adam(lr), k), ...); (3) a "
+    "penalty or regulariser term in the per-example loss given to the "
+    "capture that is not in the loss whose gradient was passed to update, "
+    "or vice versa; (4) the loss reads a parameter outside the captured "
+    "layers (e.g. an L2 penalty on a kernel, or a kernel read directly). "
+    "If none applies, please report the model")
 #: Every reason, in bit order.
 STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH)
 

@@ -607,6 +607,33 @@ def test_parameter_used_outside_the_captured_calls_is_reported():
     oxs.check(state)
 
 
+def test_add_up_message_lists_user_causes_before_reporting():
+  """grads from another batch than the factors: the step is not credited,
+  and the message names that cause (and the other user mistakes: nested
+  MultiSteps, a penalty in only one loss, a parameter read outside the
+  captured layers) before asking for a report."""
+  tx = oxs.adam(LR, num_examples=N, batch_size=B)
+  _, g_other, _ = oxs.value_grad_and_factors(per_example_loss)(
+      PARAMS, *batch(BATCH_IDS[1])[:2])
+  x, y, ids = batch(BATCH_IDS[0])
+  _, _, f = oxs.value_grad_and_factors(per_example_loss)(PARAMS, x, y)
+  _, state = jax.jit(lambda g_, f_: tx.update(
+      g_, tx.init(PARAMS), PARAMS, factors=f_, example_ids=ids,
+      val_loss=val_loss))(g_other, f)
+  assert int(state.first_error) == 8
+  with pytest.raises(ValueError) as info:
+    oxs.check(state)
+  message = str(info.value)
+  causes = ["different batches",
+            "optax.MultiSteps(oxs.adam(...))",
+            "oxs.with_shapley(optax.MultiSteps(optax.adam(lr), k)",
+            "penalty or regulariser term in the per-example loss",
+            "a parameter outside the captured layers",
+            "If none applies, please report the model"]
+  where = [message.find(c) for c in causes]
+  assert -1 not in where and where == sorted(where), (where, message)
+
+
 # ---------------------------------------------------------------------------
 # The removal metric: each example's share taken out of the real update.
 
