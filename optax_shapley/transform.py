@@ -81,7 +81,13 @@ def with_shapley(
     ``K`` validation gradients come from one backward pass (``jax.vjp`` of
     ``val_loss`` with the ``K`` rows as cotangents, vectorised).
 
-  The returned updates are bit-identical to ``inner.update``.  Values are
+  The returned updates are ``inner.update``'s: the same computation on the
+  same inputs, and bit-identical to an ``inner.update`` call in the same
+  compiled program.  Against a separately compiled ``inner.update`` they may
+  differ by rounding, a few ulp of a leaf's largest entry: XLA chooses
+  fusions, layouts and reduction orders for each program as a whole (e.g.
+  the order of the sum in ``optax.clip_by_global_norm``), and an
+  ``optimization_barrier`` around the update does not pin them.  Values are
   accumulated in ``state.values``; read them with :func:`values`.
 
   Args:
@@ -381,7 +387,8 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          **kwargs) -> optax.GradientTransformationExtraArgs:
   """``optax.adam`` with in-run data Shapley values (see :func:`with_shapley`).
 
-  The updates are exactly ``optax.adam(learning_rate, b1, b2, eps)``'s.
+  The updates are ``optax.adam(learning_rate, b1, b2, eps)``'s (to the
+  rounding :func:`with_shapley` describes).
 
   Example:
     One attributed step of a linear classifier; ``N = 10`` training
