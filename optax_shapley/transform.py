@@ -24,6 +24,7 @@ the checks (:mod:`~optax_shapley.checks`) and the values table
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import jax
@@ -106,7 +107,14 @@ def with_shapley(
     evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
       pairs with ``metric`` (a single name is broadcast).
     batch_size: the (global) batch size ``B``, to size ``step_values`` at
-      ``init``; if ``None`` the first update changes its shape (one retrace).
+      ``init``.  Needed when the update is the body of ``jax.lax.scan`` (or
+      a ``while_loop``), whose carry must keep its shape, and to restore a
+      checkpoint into ``init``'s structure.  If ``None`` the first update
+      changes its shape: a jitted Python loop compiles the step twice, and
+      the update warns at trace time (naming ``batch_size=``) because inside
+      ``scan`` the next error is JAX's carry-type error.  The update cannot
+      tell a ``scan`` body from a first ``jit`` trace, so it warns rather
+      than raises.
     contraction: ``"exact"``: every module call by its exact rule;
       ``"ghost"``: ``nn.Dense`` kernels by the ghost rule
       (:mod:`optax_shapley.ghost`: validation factors and a rank
@@ -233,8 +241,10 @@ def with_shapley(
         ests, linear, settings, step, val, weights, num_targets, frozen,
         factors, plans, g_dot, ghost_rank, ghost_tol, axis_name)
     error = mismatch | checks.bits(checks.NON_FINITE, ~val.finite)
-    return step.u_g, _credit(state, step.new_state, local, ids, error, multi,
-                             table, num_examples, axis_name)
+    new_state = _credit(state, step.new_state, local, ids, error, multi,
+                        table, num_examples, axis_name)
+    _warn_if_resized(state.step_values, new_state.step_values, batch_size)
+    return step.u_g, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -371,6 +381,20 @@ def _credit(state, new_inner, local, ids, error, multi, table, num_examples,
       first_error_id=keep(checks.offending_id(ids, num_examples),
                           state.first_error_id),
   )
+
+
+def _warn_if_resized(old, new, batch_size) -> None:
+  """Warns when a traced update changes ``step_values``' shape (``old`` to
+  ``new``): ``batch_size`` at ``init`` was missing or not the batch's."""
+  if old.shape == new.shape or not isinstance(old, jax.core.Tracer):
+    return
+  warnings.warn(
+      f"with_shapley: this update changes step_values from shape {old.shape} "
+      f"(init, batch_size={batch_size}) to {new.shape}; pass "
+      f"batch_size={new.shape[0]} (the global batch size) to with_shapley / "
+      "oxs.adam. Otherwise a jitted step compiles twice, and as the body of "
+      "jax.lax.scan the update fails with a carry-type error on "
+      "state.step_values.", stacklevel=3)
 
 
 def _zero_leaves(tree, indices):

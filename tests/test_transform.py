@@ -2,6 +2,7 @@
 four metrics against independent references (vmap(grad), jax.jvp, the Adam
 closed form)."""
 
+import warnings
 from functools import partial
 
 import flax.linen as nn
@@ -127,6 +128,36 @@ def test_updates_bit_identical_to_optax(name):
 
 # ---------------------------------------------------------------------------
 # Shapes and bookkeeping.
+
+
+def _scan_steps(tx, batches):
+  """``jax.lax.scan`` of the update over ``batches`` (int[T, B] ids)."""
+  def body(carry, ids):
+    params, state = carry
+    _, g, f = oxs.value_grad_and_factors(per_example_loss)(
+        params, X_ALL[ids], Y_ALL[ids])
+    u, state = tx.update(g, state, params, factors=f, example_ids=ids,
+                         val_loss=val_loss)
+    return (optax.apply_updates(params, u), state), None
+  return jax.lax.scan(body, (PARAMS, tx.init(PARAMS)), batches)[0][1]
+
+
+def test_scan_without_batch_size_names_batch_size():
+  """Without batch_size=, step_values grows from [0] to [B] at the first
+  update, so scan's carry changes type; the update says which argument to
+  pass (a warning at trace time, an error where warnings are errors), and
+  with it the scan runs."""
+  batches = jnp.asarray(BATCH_IDS[:3], jnp.int32)
+  with pytest.warns(UserWarning, match=rf"pass batch_size={B} "), \
+      pytest.raises(TypeError, match="step_values"):
+    _scan_steps(oxs.adam(LR, num_examples=N), batches)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)
+    with pytest.raises(UserWarning, match="batch_size="):
+      _scan_steps(oxs.adam(LR, num_examples=N), batches)
+    state = _scan_steps(oxs.adam(LR, num_examples=N, batch_size=B), batches)
+  assert int(state.count) == 3 and oxs.step_values(state).shape == (B,)
+  oxs.check(state)
 
 
 def test_single_metric_shapes():
