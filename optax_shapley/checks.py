@@ -19,26 +19,41 @@ from optax_shapley.factors import Factors
 
 
 class StepError(NamedTuple):
-  """One reason a step's credit was skipped: a bit of ``ShapleyState.error``."""
+  """One reason a step's credit was skipped: a bit of ``ShapleyState.error``.
+
+  ``with_id``, for the reasons an example id causes: ``text`` naming the id
+  (``{id}`` is replaced by it).
+  """
   bit: int
   text: str
+  with_id: str | None = None
 
 
 #: An example id outside ``[0, num_examples)``.
 ID_OUT_OF_RANGE = StepError(
-    1, "an example id was out of range [0, num_examples)")
+    1, "an example id was out of range [0, num_examples)",
+    "example id {id} was out of range [0, num_examples)")
 #: An example id twice in one batch.
-DUPLICATE_ID = StepError(2, "an example id appeared twice in one batch")
+DUPLICATE_ID = StepError(2, "an example id appeared twice in one batch",
+                         "example id {id} appeared twice in one batch")
 #: A NaN or infinite value, loss or validation gradient.
 NON_FINITE = StepError(
     4, "a step value was NaN or infinite (NaN/inf loss, gradient or "
     "validation loss)")
-#: The values did not add up to ``g . d`` (the add-up check).
+#: The values did not add up to ``g . d`` (the add-up check).  The causes
+#: are the user's, most likely first; a capture bug comes last.
 CAPTURE_MISMATCH = StepError(
-    8, "the per-example values did not add up to grads . d: the grads passed "
-    "to update are not the gradient of the batch the factors came from, or "
-    "the model uses a parameter outside the module calls the capture saw "
-    "(e.g. an L2 penalty or a kernel read directly); please report the model")
+    8, "the per-example values did not add up to grads . d. Likely causes: "
+    "(1) the grads passed to update and the factors were computed from "
+    "different batches (pass the grads value_grad_and_factors returned with "
+    "its factors); (2) gradient accumulation nested the wrong way: "
+    "optax.MultiSteps(oxs.adam(...)) instead of "
+    "oxs.with_shapley(optax.MultiSteps(optax.adam(lr), k), ...); (3) a "
+    "penalty or regulariser term in the per-example loss given to the "
+    "capture that is not in the loss whose gradient was passed to update, "
+    "or vice versa; (4) the loss reads a parameter outside the captured "
+    "layers (e.g. an L2 penalty on a kernel, or a kernel read directly). "
+    "If none applies, please report the model")
 #: Every reason, in bit order.
 STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH)
 
@@ -56,13 +71,41 @@ def bits(error: StepError, flag) -> jax.Array:
   return jnp.asarray(flag).astype(jnp.int32) * error.bit
 
 
-def describe(error: int, skipped: int) -> str | None:
-  """The message for an error bitmask, or ``None`` when it is 0."""
+def describe(error: int, skipped: int, first_step: int = -1,
+             first_error: int = 0, first_id: int = -1) -> str | None:
+  """The message of :func:`optax_shapley.check`, or ``None`` when ``error``
+  is 0.
+
+  Args:
+    error: the bitmask of every skipped step's reasons.
+    skipped: how many steps were skipped.
+    first_step: the first skipped step, counted from 1 (-1: unknown).
+    first_error: that step's bitmask.
+    first_id: the example id that made it fail, if an id bit is set in
+      ``first_error``.
+  """
   if not error:
     return None
-  reasons = "; ".join(e.text for e in STEP_ERRORS if error & e.bit)
-  return (f"{skipped} step(s) were not credited: {reasons}. The values of "
-          "the other steps are unaffected.")
+  tail = " The values of the other steps are unaffected."
+  if first_step < 0:
+    return (f"{skipped} step(s) were not credited: "
+            f"{_reasons(error)}.{tail}")
+  steps = (f"step {first_step} was" if skipped <= 1 else
+           f"step {first_step} (and {skipped - 1} later step(s)) were")
+  message = f"{steps} not credited: {_reasons(first_error, first_id)}."
+  later = error & ~first_error
+  if later:
+    message += f" Later steps also: {_reasons(later)}."
+  return message + tail
+
+
+def _reasons(error: int, example_id: int | None = None) -> str:
+  """The texts of the bits of ``error``; the id reasons name
+  ``example_id`` when given."""
+  return "; ".join(
+      e.with_id.format(id=example_id)
+      if e.with_id is not None and example_id is not None else e.text
+      for e in STEP_ERRORS if error & e.bit)
 
 
 def update_arguments(params, factors, example_ids, val_loss,
@@ -115,6 +158,26 @@ def step_error(ids, step_vals, num_examples: int) -> jax.Array:
   dup = jnp.any(s[1:] == s[:-1]) if ids.shape[0] > 1 else jnp.array(False)
   return (bits(ID_OUT_OF_RANGE, out_of_range) | bits(DUPLICATE_ID, dup)
           | bits(NON_FINITE, ~jnp.all(jnp.isfinite(step_vals))))
+
+
+def offending_id(ids, num_examples: int) -> jax.Array:
+  """int32: the example id that fails :func:`step_error`'s id checks.
+
+  The first id of ``ids`` (int[B]) outside ``[0, num_examples)``; else one
+  that appears twice; else -1.  Only meaningful where the step's error has
+  an id bit (-1 is also an out-of-range id).
+  """
+  none = jnp.array(-1, jnp.int32)
+  if ids.shape[0] == 0:
+    return none
+  out_of_range = (ids < 0) | (ids >= num_examples)
+  dup = none
+  if ids.shape[0] > 1:
+    s = jnp.sort(ids)
+    repeated = s[1:] == s[:-1]
+    dup = jnp.where(jnp.any(repeated), s[1:][jnp.argmax(repeated)], none)
+  return jnp.where(jnp.any(out_of_range), ids[jnp.argmax(out_of_range)],
+                   dup).astype(jnp.int32)
 
 
 def all_finite(tree) -> jax.Array:

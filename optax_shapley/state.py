@@ -24,7 +24,14 @@ class ShapleyState(NamedTuple):
     count: int32, number of steps taken.
     skipped: int32, number of steps whose credit was skipped (see ``error``).
     error: int32 bitmask of the reasons credit was skipped
-      (:data:`optax_shapley.checks.STEP_ERRORS`).
+      (:data:`optax_shapley.checks.STEP_ERRORS`), over all steps.
+    first_error_step: int32, the first skipped step, counted from 1 as
+      ``count`` (step ``t`` is the ``t``-th update); -1 if none.
+    first_error: int32 bitmask of that step's reasons; 0 if none.
+    first_error_id: int32, an example id that made that step fail
+      (the first out-of-range id, else one that appeared twice); -1 if
+      none (meaningful only where ``first_error`` has an id bit: -1 itself
+      can be an out-of-range id).
     exact_steps: int32, number of credited steps that an estimator with an
       exact fallback (``metric="auto"``) credited by exact Shapley values of
       the real update instead of its one-direction metric.
@@ -35,6 +42,9 @@ class ShapleyState(NamedTuple):
   count: jax.Array
   skipped: jax.Array
   error: jax.Array
+  first_error_step: jax.Array
+  first_error: jax.Array
+  first_error_id: jax.Array
   exact_steps: jax.Array
 
 

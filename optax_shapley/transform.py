@@ -24,6 +24,7 @@ the checks (:mod:`~optax_shapley.checks`) and the values table
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 import warnings
 
@@ -85,7 +86,13 @@ def with_shapley(
     ``K`` validation gradients come from one backward pass (``jax.vjp`` of
     ``val_loss`` with the ``K`` rows as cotangents, vectorised).
 
-  The returned updates are bit-identical to ``inner.update``.  Values are
+  The returned updates are ``inner.update``'s: the same computation on the
+  same inputs, and bit-identical to an ``inner.update`` call in the same
+  compiled program.  Against a separately compiled ``inner.update`` they may
+  differ by rounding, a few ulp of a leaf's largest entry: XLA chooses
+  fusions, layouts and reduction orders for each program as a whole (e.g.
+  the order of the sum in ``optax.clip_by_global_norm``), and an
+  ``optimization_barrier`` around the update does not pin them.  Values are
   accumulated in ``state.values``; read them with :func:`values`.
 
   Args:
@@ -104,7 +111,14 @@ def with_shapley(
     evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
       pairs with ``metric`` (a single name is broadcast).
     batch_size: the (global) batch size ``B``, to size ``step_values`` at
-      ``init``; if ``None`` the first update changes its shape (one retrace).
+      ``init``.  Needed when the update is the body of ``jax.lax.scan`` (or
+      a ``while_loop``), whose carry must keep its shape, and to restore a
+      checkpoint into ``init``'s structure.  If ``None`` the first update
+      changes its shape: a jitted Python loop compiles the step twice, and
+      the update warns at trace time (naming ``batch_size=``) because inside
+      ``scan`` the next error is JAX's carry-type error.  The update cannot
+      tell a ``scan`` body from a first ``jit`` trace, so it warns rather
+      than raises.
     contraction: ``"exact"``: every module call by its exact rule;
       ``"ghost"``: ``nn.Dense`` kernels by the ghost rule
       (:mod:`optax_shapley.ghost`: validation factors and a rank
@@ -199,6 +213,9 @@ def with_shapley(
         count=jnp.zeros([], jnp.int32),
         skipped=jnp.zeros([], jnp.int32),
         error=jnp.zeros([], jnp.int32),
+        first_error_step=jnp.full([], -1, jnp.int32),
+        first_error=jnp.zeros([], jnp.int32),
+        first_error_id=jnp.full([], -1, jnp.int32),
         exact_steps=jnp.zeros([], jnp.int32),
     )
 
@@ -231,8 +248,10 @@ def with_shapley(
         ests, linear, settings, step, val, weights, num_targets, frozen,
         factors, plans, g_dot, ghost_rank, ghost_tol, axis_name)
     error = mismatch | checks.bits(checks.NON_FINITE, ~val.finite)
-    return step.u_g, _credit(state, step.new_state, local, ids, error, exact,
-                             multi, table, num_examples, axis_name)
+    new_state = _credit(state, step.new_state, local, ids, error, exact,
+                        multi, table, num_examples, axis_name)
+    _warn_if_resized(state.step_values, new_state.step_values, batch_size)
+    return step.u_g, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -393,6 +412,9 @@ def _credit(state, new_inner, local, ids, error, exact, multi, table,
   error = error | checks.step_error(ids, step_vals, num_examples)
   ok = error == 0
   credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
+  # Only the first failing step is recorded; later ones do not overwrite it.
+  first = ~ok & (state.first_error_step < 0)
+  keep = lambda new, old: jnp.where(first, new, old).astype(jnp.int32)
   return ShapleyState(
       inner_state=new_inner,
       values=tables.add(state.values, table, ids, credit, ok, num_examples,
@@ -401,8 +423,26 @@ def _credit(state, new_inner, local, ids, error, exact, multi, table,
       count=state.count + 1,
       skipped=state.skipped + (~ok).astype(jnp.int32),
       error=state.error | error,
+      first_error_step=keep(state.count + 1, state.first_error_step),
+      first_error=keep(error, state.first_error),
+      first_error_id=keep(checks.offending_id(ids, num_examples),
+                          state.first_error_id),
       exact_steps=state.exact_steps + (ok & exact).astype(jnp.int32),
   )
+
+
+def _warn_if_resized(old, new, batch_size) -> None:
+  """Warns when a traced update changes ``step_values``' shape (``old`` to
+  ``new``): ``batch_size`` at ``init`` was missing or not the batch's."""
+  if old.shape == new.shape or not isinstance(old, jax.core.Tracer):
+    return
+  warnings.warn(
+      f"with_shapley: this update changes step_values from shape {old.shape} "
+      f"(init, batch_size={batch_size}) to {new.shape}; pass "
+      f"batch_size={new.shape[0]} (the global batch size) to with_shapley / "
+      "oxs.adam. Otherwise a jitted step compiles twice, and as the body of "
+      "jax.lax.scan the update fails with a carry-type error on "
+      "state.step_values.", stacklevel=3)
 
 
 def _zero_leaves(tree, indices):
@@ -419,7 +459,8 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          **kwargs) -> optax.GradientTransformationExtraArgs:
   """``optax.adam`` with in-run data Shapley values (see :func:`with_shapley`).
 
-  The updates are exactly ``optax.adam(learning_rate, b1, b2, eps)``'s.
+  The updates are ``optax.adam(learning_rate, b1, b2, eps)``'s (to the
+  rounding :func:`with_shapley` describes).
 
   Example:
     One attributed step of a linear classifier; ``N = 10`` training
@@ -518,22 +559,41 @@ def check(state) -> None:
   """Raises ``ValueError`` if any step's credit was skipped, naming why.
 
   Values of the other steps are untouched; the skipped steps added nothing.
-  The reasons are kept as bits of ``ShapleyState.error``
+  The message names the first skipped step, counted from 1 like
+  ``state.count`` (step ``t`` is the ``t``-th update), its reasons and, for
+  a bad example id, the id (the first out-of-range id of that batch, or one
+  that appeared twice), then the reasons of later skipped steps.  The
+  reasons are kept as bits of ``ShapleyState.error``
   (:data:`optax_shapley.checks.STEP_ERRORS`).
 
   Example:
-    >>> import jax.numpy as jnp, optax, optax_shapley as oxs
+    Three steps with a repeated id (``[3, 3]``) at the second:
+
+    >>> import jax, jax.numpy as jnp, optax, optax_shapley as oxs
     >>> params = {"w": jnp.zeros(3)}
+    >>> per_example_loss = lambda p, x: (x @ p["w"] - 1.0) ** 2   # -> f32[B]
+    >>> val_loss = lambda p: per_example_loss(p, jnp.ones((2, 3)))
     >>> tx = oxs.adam(1e-2, num_examples=5, batch_size=2)
     >>> state = tx.init(params)
-    >>> state = state._replace(error=jnp.int32(2), skipped=jnp.int32(1))
+    >>> @jax.jit
+    ... def step(params, state, x, ids):
+    ...   _, grads, factors = oxs.value_grad_and_factors(per_example_loss)(
+    ...       params, x)
+    ...   updates, state = tx.update(grads, state, params, factors=factors,
+    ...                              example_ids=ids, val_loss=val_loss)
+    ...   return optax.apply_updates(params, updates), state
+    >>> x = jnp.eye(2, 3)
+    >>> for ids in ([0, 1], [3, 3], [2, 4]):
+    ...   params, state = step(params, state, x, jnp.array(ids))
     >>> oxs.check(state)
     Traceback (most recent call last):
     ...
-    ValueError: 1 step(s) were not credited: an example id appeared twice in one batch. The values of the other steps are unaffected.
+    ValueError: step 2 was not credited: example id 3 appeared twice in one batch. The values of the other steps are unaffected.
   """
   s = find_state(state)
-  err, skipped = int(np.asarray(s.error).max()), int(np.asarray(s.skipped).max())
-  message = checks.describe(err, skipped)
+  read = lambda x: int(np.asarray(x).max())   # replicated over devices
+  message = checks.describe(
+      read(s.error), read(s.skipped), read(s.first_error_step),
+      read(s.first_error), read(s.first_error_id))
   if message:
     raise ValueError(message)

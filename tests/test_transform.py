@@ -2,6 +2,7 @@
 four metrics against independent references (vmap(grad), jax.jvp, the Adam
 closed form)."""
 
+import warnings
 from functools import partial
 
 import flax.linen as nn
@@ -80,7 +81,8 @@ def scaled_close(got, ref, rel):
 
 
 # ---------------------------------------------------------------------------
-# The updates are the inner optimizer's, bit for bit.
+# The updates are the inner optimizer's: bit for bit in one program, to
+# rounding against a separately compiled one.
 
 
 def _chain():
@@ -126,6 +128,36 @@ def test_updates_bit_identical_to_optax(name):
 
 # ---------------------------------------------------------------------------
 # Shapes and bookkeeping.
+
+
+def _scan_steps(tx, batches):
+  """``jax.lax.scan`` of the update over ``batches`` (int[T, B] ids)."""
+  def body(carry, ids):
+    params, state = carry
+    _, g, f = oxs.value_grad_and_factors(per_example_loss)(
+        params, X_ALL[ids], Y_ALL[ids])
+    u, state = tx.update(g, state, params, factors=f, example_ids=ids,
+                         val_loss=val_loss)
+    return (optax.apply_updates(params, u), state), None
+  return jax.lax.scan(body, (PARAMS, tx.init(PARAMS)), batches)[0][1]
+
+
+def test_scan_without_batch_size_names_batch_size():
+  """Without batch_size=, step_values grows from [0] to [B] at the first
+  update, so scan's carry changes type; the update says which argument to
+  pass (a warning at trace time, an error where warnings are errors), and
+  with it the scan runs."""
+  batches = jnp.asarray(BATCH_IDS[:3], jnp.int32)
+  with pytest.warns(UserWarning, match=rf"pass batch_size={B} "), \
+      pytest.raises(TypeError, match="step_values"):
+    _scan_steps(oxs.adam(LR, num_examples=N), batches)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)
+    with pytest.raises(UserWarning, match="batch_size="):
+      _scan_steps(oxs.adam(LR, num_examples=N), batches)
+    state = _scan_steps(oxs.adam(LR, num_examples=N, batch_size=B), batches)
+  assert int(state.count) == 3 and oxs.step_values(state).shape == (B,)
+  oxs.check(state)
 
 
 def test_single_metric_shapes():
@@ -189,6 +221,52 @@ def _eager_inputs(ids):
   return g, f
 
 
+class _WideMLP(nn.Module):
+  """Two tanh layers of 384: big enough for XLA to tile its reductions."""
+
+  @nn.compact
+  def __call__(self, x):
+    for width in (384, 384):
+      x = jnp.tanh(nn.Dense(width)(x))
+    return nn.Dense(CLASSES)(x)
+
+
+def test_updates_match_a_separately_compiled_optimizer_to_rounding():
+  """Against ``optax`` compiled on its own, fed the same grads and state,
+  the updates agree to a few ulp of each leaf's largest entry (the
+  documented guarantee); not always bit for bit, since XLA rounds the
+  global norm of ``clip_by_global_norm`` per program."""
+  model = _WideMLP()
+  k = jax.random.split(jax.random.key(5), 3)
+  n, b = 128, 32
+  xs = jax.random.normal(k[0], (n, 64))
+  ys = jax.random.randint(k[1], (n,), 0, CLASSES)
+  params = model.init(k[2], xs[:2])["params"]
+  pel, vl = toy.losses(model, xs[:16] + 1.0, ys[:16])
+  make = lambda: optax.chain(optax.clip_by_global_norm(0.5), optax.adam(LR))
+  tx, ref = oxs.with_shapley(make(), num_examples=n, batch_size=b), make()
+
+  @jax.jit
+  def step(p, s, ids):
+    _, g, f = oxs.value_grad_and_factors(pel)(p, xs[ids], ys[ids])
+    u, s = tx.update(g, s, p, factors=f, example_ids=ids, val_loss=vl)
+    return optax.apply_updates(p, u), u, s, g
+
+  ref_update = jax.jit(ref.update)
+  state = tx.init(params)
+  for t in range(4):
+    ids = jnp.arange(t * b, (t + 1) * b, dtype=jnp.int32) % n
+    before = state.inner_state
+    new_params, u, state, g = step(params, state, ids)
+    u_ref, _ = ref_update(g, before, params)
+    for a, c in zip(jax.tree.leaves(u), jax.tree.leaves(u_ref), strict=True):
+      a, c = np.asarray(a), np.asarray(c)
+      ulp = np.spacing(np.abs(c).max())
+      assert np.abs(a - c).max() <= 8 * ulp, (t, np.abs(a - c).max() / ulp)
+    params = new_params
+  oxs.check(state)
+
+
 def _one_good_step(tx):
   (_, state, _), = run(tx, 1)
   before = np.asarray(oxs.values(state)).copy()
@@ -233,6 +311,44 @@ def test_traced_bad_ids_skip_the_step(ids, reason):
       np.setdiff1d(np.arange(N), BATCH_IDS[2])].any()
   with pytest.raises(ValueError, match=reason):
     oxs.check(good)
+
+
+@pytest.mark.parametrize("first_ids, bit, bad_id, reason", [
+    ([0, 1, N + 3, 3, -1, 5], 1, N + 3, "was out of range"),
+    ([0, 1, 9, 3, 9, 5], 2, 9, "appeared twice"),
+])
+def test_check_names_the_first_failing_step_and_its_id(first_ids, bit, bad_id,
+                                                       reason):
+  """Steps 1 and 3 are good; 2 fails on an id, 4 on a repeated id, 5 on a
+  NaN loss: check() names step 2 (counted from 1, like count) and its id;
+  the later failures do not overwrite it."""
+  tx = oxs.adam(LR, num_examples=N, batch_size=B)
+  step = make_step(tx)
+  x, y, _ = batch(BATCH_IDS[1])
+  nan_x = x.at[2, 1].set(jnp.nan)
+  params, state = PARAMS, tx.init(PARAMS)
+  for xs, ids in [(x, BATCH_IDS[0]), (x, first_ids), (x, BATCH_IDS[2]),
+                  (x, [0, 1, 2, 3, 2, 5]), (nan_x, BATCH_IDS[3])]:
+    params, state = step(params, state, xs, y, jnp.asarray(ids, jnp.int32))
+  assert int(state.skipped) == 3
+  assert (int(state.first_error_step), int(state.first_error),
+          int(state.first_error_id)) == (2, bit, bad_id)
+  later = "NaN" if bit == 2 else "appeared twice.*NaN"
+  with pytest.raises(ValueError, match=(
+      rf"^step 2 \(and 2 later step\(s\)\) were not credited: example id "
+      rf"{bad_id} {reason}[^.]*\. Later steps also: [^.]*{later}")):
+    oxs.check(state)
+
+
+def test_offending_id():
+  """The first out-of-range id of the batch, else one that appears twice,
+  else -1; also under jit."""
+  from optax_shapley import checks
+  find = jax.jit(checks.offending_id, static_argnums=1)
+  for ids, want in [([0, 7, N, -2, 7], N), ([4, 1, 2, 1, 2], 1),
+                    ([3, 0, 19, 5], -1), ([-5, 2], -5), ([6], -1)]:
+    got = find(jnp.asarray(ids, jnp.int32), N)
+    assert got.dtype == jnp.int32 and int(got) == want, (ids, int(got))
 
 
 def test_nan_loss_skips_the_step():
@@ -567,6 +683,33 @@ def test_parameter_used_outside_the_captured_calls_is_reported():
   np.testing.assert_array_equal(oxs.values(state), 0.0)
   with pytest.raises(ValueError, match="did not add up"):
     oxs.check(state)
+
+
+def test_add_up_message_lists_user_causes_before_reporting():
+  """grads from another batch than the factors: the step is not credited,
+  and the message names that cause (and the other user mistakes: nested
+  MultiSteps, a penalty in only one loss, a parameter read outside the
+  captured layers) before asking for a report."""
+  tx = oxs.adam(LR, num_examples=N, batch_size=B)
+  _, g_other, _ = oxs.value_grad_and_factors(per_example_loss)(
+      PARAMS, *batch(BATCH_IDS[1])[:2])
+  x, y, ids = batch(BATCH_IDS[0])
+  _, _, f = oxs.value_grad_and_factors(per_example_loss)(PARAMS, x, y)
+  _, state = jax.jit(lambda g_, f_: tx.update(
+      g_, tx.init(PARAMS), PARAMS, factors=f_, example_ids=ids,
+      val_loss=val_loss))(g_other, f)
+  assert int(state.first_error) == 8
+  with pytest.raises(ValueError) as info:
+    oxs.check(state)
+  message = str(info.value)
+  causes = ["different batches",
+            "optax.MultiSteps(oxs.adam(...))",
+            "oxs.with_shapley(optax.MultiSteps(optax.adam(lr), k)",
+            "penalty or regulariser term in the per-example loss",
+            "a parameter outside the captured layers",
+            "If none applies, please report the model"]
+  where = [message.find(c) for c in causes]
+  assert -1 not in where and where == sorted(where), (where, message)
 
 
 # ---------------------------------------------------------------------------
