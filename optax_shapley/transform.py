@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shapley import (adam_state, checks, estimators, layers,
-                           metrics, table as tables, validation)
+from optax_shapley import (adam_state, checks, dependence, estimators,
+                           layers, metrics, table as tables, validation)
 from optax_shapley.contraction import (contract, ghost_contract, ghost_plans,
                                        per_example_grads)
 from optax_shapley.state import ShapleyState, find_state
@@ -204,7 +204,7 @@ def with_shapley(
     validation.check_shape(val_loss, params)
     weights = validation.target_weights(val_weights, num_targets, val_loss,
                                         params)
-    frozen = metrics.frozen_leaves(step.update_of, step.grads)
+    frozen = dependence.frozen_leaves(step.update_of, step.grads)
     # Which Dense calls take the ghost rule is decided at trace time from
     # shapes, so the validation pass keeps its factors only when used.
     plans = {}
