@@ -105,9 +105,13 @@ class UpdateDependence(NamedTuple):
     coordinatewise: output leaf ``l`` entry ``k`` depends on ``g`` only
       through input leaf ``l`` entry ``k`` (frozen leaves trivially do), and
       the update's tree has the gradient's leaves in the same order.
+    mixing: the primitives at which a ``g``-dependent value stopped being
+      coordinate-wise (sorted names; some may feed no output), to say why
+      ``coordinatewise`` is ``False``.
   """
   frozen: tuple[int, ...]
   coordinatewise: bool
+  mixing: tuple[str, ...] = ()
 
 
 def analyse(update_fn: UpdateFn, g) -> UpdateDependence:
@@ -122,11 +126,13 @@ def analyse(update_fn: UpdateFn, g) -> UpdateDependence:
   out_shape = jax.eval_shape(update_fn, g)
   same_tree = (jax.tree.structure(out_shape) == jax.tree.structure(g))
   env = {v: _Dep(l, raw=True) for l, v in enumerate(closed.jaxpr.invars)}
-  outs = _run(closed.jaxpr, env)
+  mixing = set()
+  outs = _run(closed.jaxpr, env, mixing)
   frozen = tuple(i for i, d in enumerate(outs) if d is None)
   coordinatewise = same_tree and len(outs) == len(in_leaves) and all(
       d is None or d.leaf == l for l, d in enumerate(outs))
-  return UpdateDependence(frozen=frozen, coordinatewise=coordinatewise)
+  return UpdateDependence(frozen=frozen, coordinatewise=coordinatewise,
+                          mixing=tuple(sorted(mixing)))
 
 
 def frozen_leaves(update_fn: UpdateFn, g) -> tuple[int, ...]:
@@ -158,13 +164,19 @@ def _shape(v):
   return tuple(v.aval.shape)
 
 
-def _run(jaxpr, env) -> list:
+def _run(jaxpr, env, mixing: set) -> list:
   """Abstract values of ``jaxpr``'s outputs given those of its inputs in
-  ``env`` (``None``: independent of ``g``)."""
+  ``env`` (``None``: independent of ``g``); adds to ``mixing`` the names of
+  the primitives that made a value mixed."""
   env = dict(env)
   for eqn in jaxpr.eqns:
     ins = [_read(env, v) for v in eqn.invars]
-    for v, d in zip(eqn.outvars, _equation(eqn, ins)):
+    outs = _equation(eqn, ins, mixing)
+    if (any(d == _MIXED_DEP for d in outs)
+        and not any(d is not None and d.leaf == _MIXED for d in ins)
+        and eqn.primitive.name not in CALLS and eqn.primitive.name != "cond"):
+      mixing.add(eqn.primitive.name)
+    for v, d in zip(eqn.outvars, outs):
       if d is not None:
         env[v] = d
   return [_read(env, v) for v in jaxpr.outvars]
@@ -179,7 +191,7 @@ def _join(deps) -> _Dep | None:
   return _Dep(leaves.pop()) if len(leaves) == 1 else _MIXED_DEP
 
 
-def _equation(eqn, ins) -> list:
+def _equation(eqn, ins, mixing) -> list:
   name = eqn.primitive.name
   n_out = len(eqn.outvars)
   if all(d is None for d in ins):
@@ -193,15 +205,18 @@ def _equation(eqn, ins) -> list:
       return [_join(ins)] * n_out
     return [_MIXED_DEP] * n_out
   if name in CALLS and CALLS[name] in eqn.params:
-    return _call(eqn.params[CALLS[name]], ins, n_out)
+    return _call(eqn.params[CALLS[name]], ins, n_out, mixing)
   if name == "cond" and ins[0] is None:
-    outs = [_call(branch, ins[1:], n_out) for branch in eqn.params["branches"]]
+    outs = [_call(branch, ins[1:], n_out, mixing)
+            for branch in eqn.params["branches"]]
     return [_join(col) for col in zip(*outs)]
   return [_MIXED_DEP] * n_out
 
 
-def _call(sub, ins, n_out) -> list:
+def _call(sub, ins, n_out, mixing) -> list:
   jaxpr = getattr(sub, "jaxpr", sub)
   if len(jaxpr.invars) != len(ins) or len(jaxpr.outvars) != n_out:
+    mixing.add("call with unmatched arguments")
     return [_MIXED_DEP] * n_out
-  return _run(jaxpr, {v: d for v, d in zip(jaxpr.invars, ins) if d is not None})
+  return _run(jaxpr, {v: d for v, d in zip(jaxpr.invars, ins) if d is not None},
+              mixing)

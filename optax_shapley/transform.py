@@ -25,6 +25,7 @@ the checks (:mod:`~optax_shapley.checks`) and the values table
 from __future__ import annotations
 
 from typing import Sequence
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ def with_shapley(
     b2: float | None = None,
     eps: float | None = None,
     fixed_state_previous: bool = False,
-    elementwise: bool = False,
+    elementwise: bool | None = None,
     secant_nodes: int = 3,
     coalition_permutations: int = 64,
     ghost_rank: int = 1,
@@ -149,10 +150,19 @@ def with_shapley(
       closed form (:func:`optax_shapley.adam_state.adam_secant_scale`, one
       elementwise expression) instead of from ``u(g)``, ``u(0)`` and a ``jax.jvp``
       of the update.  ``None`` (default): from the update, for any optimizer.
-    elementwise: ``inner`` acts coordinate-wise (Adam, AdamW, SGD, RMSProp):
-      the secant metric is then an exact difference quotient.  Leave False
-      for optimizers that mix coordinates (global-norm clipping); secant then
-      uses ``secant_nodes``-point quadrature of ``jax.vjp`` along the ray.
+    elementwise: whether ``inner`` acts coordinate-wise (``du/dg`` is
+      diagonal: Adam, AdamW, SGD, RMSProp, Lion): the ``secant`` and
+      ``linearized`` metrics are then elementwise scales (an exact difference
+      quotient, a ``jax.jvp`` of ones), else ``secant`` integrates
+      ``jax.vjp`` along the ray with ``secant_nodes``-point quadrature
+      (optimizers that mix coordinates: global-norm clipping, Adafactor).
+      ``None`` (default): decided at trace time from the update's jaxpr
+      (:func:`optax_shapley.dependence.is_coordinatewise`, sound: it only
+      says so when it can prove it).  ``False``: always the quadrature.
+      ``True``: the user's assertion, trusted where the analysis cannot see
+      it (an unlisted primitive); a ``UserWarning`` names the primitives at
+      which the analysis lost track, since a wrong ``True`` gives wrong
+      values.
 
   Raises:
     ValueError: unknown metric/evaluation/contraction, or a metric that needs
@@ -204,12 +214,15 @@ def with_shapley(
     validation.check_shape(val_loss, params)
     weights = validation.target_weights(val_weights, num_targets, val_loss,
                                         params)
-    frozen = dependence.frozen_leaves(step.update_of, step.grads)
+    dep = dependence.analyse(step.update_of, step.grads)
+    # Known only now: whether the secant/linearized metrics are elementwise.
+    traced = settings._replace(elementwise=_elementwise(elementwise, dep))
+    frozen = dep.frozen
     # Which Dense calls take the ghost rule is decided at trace time from
     # shapes, so the validation pass keeps its factors only when used.
     plans = {}
     if (contraction != "exact" and linear and weights is None
-        and all(ests[k].metric.is_elementwise(settings) for k in linear)
+        and all(ests[k].metric.is_elementwise(traced) for k in linear)
         and any(layers.has_ghost_rule(p.module, p.method)
                 for p in factors.plans)):
       plans = ghost_plans(
@@ -219,15 +232,31 @@ def with_shapley(
     points = {name: e.point(params, step.u_g, step.u_0)
               for name, e in evaluations.items()}
     val = validation.run(val_loss, points, weights, keep_factors=bool(plans))
-    step, g_dot = _read_back_gradient(step, settings)
+    step, g_dot = _read_back_gradient(step, traced)
     local, mismatch = _step_values(
-        ests, linear, settings, step, val, weights, num_targets, frozen,
+        ests, linear, traced, step, val, weights, num_targets, frozen,
         factors, plans, g_dot, ghost_rank, ghost_tol, axis_name)
     error = mismatch | checks.bits(checks.NON_FINITE, ~val.finite)
     return step.u_g, _credit(state, step.new_state, local, ids, error, multi,
                              table, num_examples, axis_name)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _elementwise(asserted: bool | None,
+                 dep: dependence.UpdateDependence) -> bool:
+  """``with_shapley(elementwise=...)`` against what the jaxpr shows."""
+  if asserted is None:
+    return dep.coordinatewise
+  if asserted and not dep.coordinatewise:
+    warnings.warn(
+        "with_shapley(elementwise=True), but the optimizer's update could not "
+        "be shown to act coordinate-wise on the gradient (the dependence "
+        f"analysis lost track at: {', '.join(dep.mixing) or 'its tree'}). If "
+        "it mixes coordinates (global-norm clipping, Adafactor) the secant "
+        "values are wrong; leave elementwise=None to decide from the update.",
+        stacklevel=3)
+  return asserted
 
 
 def _inner_step(inner, grads, state, params, extra_args, need_zero,
