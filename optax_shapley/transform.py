@@ -57,9 +57,9 @@ def with_shapley(
     eps: float | None = None,
     fixed_state_previous: bool = False,
     elementwise: bool | None = None,
-    secant_nodes: int = 3,
-    coalition_permutations: int = 64,
-    ghost_rank: int = 1,
+    secant_nodes: int | None = None,
+    coalition_permutations: int | None = None,
+    ghost_rank: int | None = None,
     ghost_tol: float | None = 0.03,
     num_targets: int | None = None,
     table: str = "replicated",
@@ -108,7 +108,7 @@ def with_shapley(
       ``ghost_rank`` factorisation of the elementwise metric) wherever the
       metric is elementwise; ``"auto"`` (default): per Dense call, the ghost
       rule where its cost model says it is cheaper, else exact.
-    ghost_rank: ``K`` of the metric factorisation (1 = the paper's
+    ghost_rank: ``K`` of the metric factorisation (``None``: 1, the paper's
       Linearized Ghost Approximation).
     num_targets: ``K``, the number of validation targets (rows of
       ``val_weights``); values then get a trailing axis ``K``.  ``None``
@@ -143,7 +143,7 @@ def with_shapley(
     fixed_state_previous: ``fixed_state`` uses ``vhat_{t-1}`` (the paper's
       Taylor base point) instead of ``vhat_t``.
     coalition_permutations: permutations per step of the ``"coalitions"``
-      metric when ``B > 12`` (exact enumeration below).
+      metric when ``B > 12`` (exact enumeration below); ``None``: 64.
     closed_form: ``"adam"`` when ``inner`` is ``optax.adam`` / ``optax.adamw``
       with these ``learning_rate``, ``b1``, ``b2``, ``eps`` (set by
       :func:`adam` and :func:`adamw`): the secant metric is then computed in
@@ -155,7 +155,7 @@ def with_shapley(
       ``linearized`` metrics are then elementwise scales (an exact difference
       quotient, a ``jax.jvp`` of ones), else ``secant`` integrates
       ``jax.vjp`` along the ray with ``secant_nodes``-point quadrature
-      (optimizers that mix coordinates: global-norm clipping, Adafactor).
+      (``None``: 3; optimizers that mix coordinates: global-norm clipping, Adafactor).
       ``None`` (default): decided at trace time from the update's jaxpr
       (:func:`optax_shapley.dependence.is_coordinatewise`, sound: it only
       says so when it can prove it).  ``False``: always the quadrature.
@@ -171,9 +171,20 @@ def with_shapley(
       without it, or not of shape ``[K, V]``.
   """
   multi = isinstance(metric, (tuple, list)) or isinstance(evaluation, (tuple, list))
+  num_examples = _static_int("num_examples", num_examples)
+  batch_size, num_targets = (_static_int(name, value, optional=True) for name, value in
+                             (("batch_size", batch_size), ("num_targets", num_targets)))
+  secant_nodes, coalition_permutations, ghost_rank = (
+      _static_int(name, value, default=default) for name, value, default in (
+          ("secant_nodes", secant_nodes, 3),
+          ("coalition_permutations", coalition_permutations, 64),
+          ("ghost_rank", ghost_rank, 1)))
+  if elementwise not in (None, True, False):
+    raise ValueError(f"elementwise must be None, True or False, got {elementwise!r}")
   if closed_form not in (None, "adam"):
     raise ValueError(f"closed_form must be None or 'adam', got {closed_form!r}")
-  if closed_form == "adam" and None in (learning_rate, b1, b2, eps):
+  # Hyperparameters may be arrays (optax.inject_hyperparams): no == here.
+  if closed_form == "adam" and any(h is None for h in (learning_rate, b1, b2, eps)):
     raise ValueError("closed_form='adam' needs learning_rate, b1, b2 and eps")
   if contraction not in ("auto", "exact", "ghost"):
     raise ValueError("contraction must be 'auto', 'exact' or 'ghost', got "
@@ -241,6 +252,27 @@ def with_shapley(
                              table, num_examples, axis_name)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _static_int(name: str, value, *, optional: bool = False, default=None):
+  """``value`` as a Python int (shapes and loop counts are fixed at trace
+  time); ``None`` stays ``None`` where ``optional``, else becomes
+  ``default``.
+
+  Raises:
+    ValueError: ``value`` is an array: ``optax.inject_hyperparams`` turns
+      every int argument not named in ``static_args`` into one.
+  """
+  if value is None:
+    return None if optional else default
+  if isinstance(value, (jax.Array, np.ndarray)) or not isinstance(
+      value, (int, np.integer)):
+    raise ValueError(
+        f"{name} must be a Python int, got {type(value).__name__} {value!r}. "
+        "Under optax.inject_hyperparams name it in static_args, e.g. "
+        "optax.inject_hyperparams(oxs.adam, static_args=('num_examples', "
+        "'batch_size'))")
+  return int(value)
 
 
 def _elementwise(asserted: bool | None,
@@ -397,10 +429,28 @@ def _zero_leaves(tree, indices):
 
 def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          *, num_examples: int, metric="secant", evaluation="midpoint",
-         **kwargs) -> optax.GradientTransformationExtraArgs:
+         batch_size: int | None = None, contraction: str = "auto",
+         axis_name: str | None = None, fixed_state_previous: bool = False,
+         secant_nodes: int | None = None,
+         coalition_permutations: int | None = None,
+         ghost_rank: int | None = None, ghost_tol: float | None = 0.03,
+         num_targets: int | None = None,
+         table: str = "replicated") -> optax.GradientTransformationExtraArgs:
   """``optax.adam`` with in-run data Shapley values (see :func:`with_shapley`).
 
   The updates are exactly ``optax.adam(learning_rate, b1, b2, eps)``'s.
+
+  The keyword options after ``num_examples`` are :func:`with_shapley`'s,
+  spelled out (not ``**kwargs``) so that ``optax.inject_hyperparams`` can
+  bind them: ``optax.inject_hyperparams(oxs.adam, static_args=(
+  "num_examples", "batch_size"))(learning_rate=1e-3, num_examples=N,
+  batch_size=B)`` makes the learning rate (and ``b1``, ``b2``, ``eps``,
+  ``ghost_tol``) hyperparameters of the state, and the metrics read the
+  value in ``state.hyperparams`` at each step.  The integer options that
+  fix shapes or loop counts (``secant_nodes``, ``coalition_permutations``,
+  ``ghost_rank``) default to ``None`` (with_shapley's default) so that they
+  are not turned into arrays; ``num_examples``, ``batch_size`` and
+  ``num_targets`` must be named in ``static_args``.
 
   Example:
     One attributed step of a linear classifier; ``N = 10`` training
@@ -434,38 +484,64 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
-      closed_form="adam", **kwargs)
+      closed_form="adam", batch_size=batch_size, contraction=contraction,
+      axis_name=axis_name, fixed_state_previous=fixed_state_previous,
+      secant_nodes=secant_nodes, coalition_permutations=coalition_permutations,
+      ghost_rank=ghost_rank, ghost_tol=ghost_tol, num_targets=num_targets,
+      table=table)
 
 
 def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 1e-4, *, num_examples: int, metric="secant",
-          evaluation="midpoint", mask=None,
-          **kwargs) -> optax.GradientTransformationExtraArgs:
+          evaluation="midpoint", mask=None, batch_size: int | None = None,
+          contraction: str = "auto", axis_name: str | None = None,
+          fixed_state_previous: bool = False, secant_nodes: int | None = None,
+          coalition_permutations: int | None = None,
+          ghost_rank: int | None = None, ghost_tol: float | None = 0.03,
+          num_targets: int | None = None,
+          table: str = "replicated") -> optax.GradientTransformationExtraArgs:
   """``optax.adamw`` with in-run data Shapley values (see :func:`with_shapley`).
 
   Weight decay does not depend on the gradient, so it belongs to nobody:
-  it drops out of every metric (it is part of ``u(0)``).
+  it drops out of every metric (it is part of ``u(0)``).  A callable
+  ``mask`` must be in ``static_args`` under ``optax.inject_hyperparams``
+  (it would be taken for a schedule, as for ``optax.adamw``); otherwise
+  ``optax.inject_hyperparams`` works as for :func:`adam`.
   """
   return with_shapley(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                   weight_decay=weight_decay, mask=mask),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
-      closed_form="adam", **kwargs)
+      closed_form="adam", batch_size=batch_size, contraction=contraction,
+      axis_name=axis_name, fixed_state_previous=fixed_state_previous,
+      secant_nodes=secant_nodes, coalition_permutations=coalition_permutations,
+      ghost_rank=ghost_rank, ghost_tol=ghost_tol, num_targets=num_targets,
+      table=table)
 
 
 def sgd(learning_rate, momentum: float | None = None, nesterov: bool = False,
         *, num_examples: int, metric="secant", evaluation="midpoint",
-        **kwargs) -> optax.GradientTransformationExtraArgs:
+        batch_size: int | None = None, contraction: str = "auto",
+        axis_name: str | None = None, secant_nodes: int | None = None,
+        coalition_permutations: int | None = None,
+        ghost_rank: int | None = None, ghost_tol: float | None = 0.03,
+        num_targets: int | None = None,
+        table: str = "replicated") -> optax.GradientTransformationExtraArgs:
   """``optax.sgd`` with in-run data Shapley values (see :func:`with_shapley`).
 
   With ``metric="sgd", evaluation="start"`` and no momentum this is
   first-order In-Run Data Shapley (Wang et al. 2024).
+  ``optax.inject_hyperparams`` works as for :func:`adam` (the ``sgd``
+  metric then reads the injected learning rate).
   """
   return with_shapley(
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
-      learning_rate=learning_rate, elementwise=True, **kwargs)
+      learning_rate=learning_rate, elementwise=True, batch_size=batch_size,
+      contraction=contraction, axis_name=axis_name, secant_nodes=secant_nodes,
+      coalition_permutations=coalition_permutations, ghost_rank=ghost_rank,
+      ghost_tol=ghost_tol, num_targets=num_targets, table=table)
 
 
 def values(state) -> jax.Array:

@@ -778,3 +778,69 @@ def test_elementwise_true_on_a_mixing_optimizer_warns():
   tx = oxs.with_shapley(_chain(), num_examples=N, elementwise=True)
   with pytest.warns(UserWarning, match="reduce_sum"):
     run(tx, 1)
+
+
+# ---------------------------------------------------------------------------
+# optax.inject_hyperparams around the factories.
+
+STATIC = ("num_examples", "batch_size")
+
+
+@pytest.mark.parametrize("metric", ["secant", "fixed_state", "sgd",
+                                    "linearized", ("secant", "fixed_state")])
+def test_inject_hyperparams_values_equal_plain_adam(metric):
+  """Constant lr: injected (array) hyperparameters give the plain values.
+  Not bit for bit: ``optax.inject_hyperparams(optax.adam)``'s own updates
+  differ from ``optax.adam``'s by ~7e-6 relative (float32 arrays against
+  Python floats folded in double), and the values by up to 3e-5 per step;
+  held to 1e-4 of the largest value (``linearized``, whose step-1 Jacobian
+  is ill-conditioned, see ``STEP1_ILL_CONDITIONED_REL``: 1e-3)."""
+  kw = dict(num_examples=N, batch_size=B, metric=metric)
+  ref, _ = run_values(oxs.adam(LR, b1=0.8, **kw), LONG_IDS[:4])
+  tx = optax.inject_hyperparams(oxs.adam, static_args=STATIC)(
+      learning_rate=LR, b1=0.8, **kw)
+  state = tx.init(PARAMS)
+  assert set(state.hyperparams) >= {"learning_rate", "b1", "b2", "eps"}
+  got, _ = run_values(tx, LONG_IDS[:4])
+  rel = 1e-3 if metric == "linearized" else 1e-4
+  for k in range(got.shape[1] if got.ndim == 2 else 1):
+    scaled_close(got[:, k] if got.ndim == 2 else got,
+                 ref[:, k] if ref.ndim == 2 else ref, rel)
+
+
+def test_inject_hyperparams_learning_rate_changed_mid_run():
+  """The sgd metric reads the injected lr: after setting
+  ``state.hyperparams["learning_rate"]`` the step values are the new
+  ``lr * x_i . v`` (independent: per-example gradients by vmap(grad))."""
+  tx = optax.inject_hyperparams(oxs.sgd, static_args=STATIC)(
+      learning_rate=0.3, num_examples=N, batch_size=B, metric="sgd",
+      evaluation="start")
+  step, state, params = make_step(tx), tx.init(PARAMS), PARAMS
+  for t, ids in enumerate(BATCH_IDS[:4]):
+    lr = 0.3 if t < 2 else 0.05
+    if t == 2:
+      state.hyperparams["learning_rate"] = jnp.asarray(0.05)
+    new_params, state = step(params, state, *batch(ids))
+    x, y, _ = batch(ids)
+    pe = truth.per_example_grads(per_example_loss, params, x, y)
+    v = jax.grad(mean_val_loss)(params)
+    dots = sum(np.asarray(a).reshape(B, -1) @ np.asarray(c, np.float64).ravel()
+               for a, c in zip(jax.tree.leaves(pe), jax.tree.leaves(v)))
+    np.testing.assert_allclose(oxs.step_values(state), lr * dots / B,
+                               rtol=1e-5, atol=1e-6 * np.abs(lr * dots / B).max())
+    # The update took the new lr too: plain SGD.
+    for a, g in zip(jax.tree.leaves(new_params), jax.tree.leaves(
+        jax.tree.map(lambda w, e: np.asarray(w) - lr * np.asarray(e).mean(0),
+                     params, pe))):
+      np.testing.assert_allclose(a, g, rtol=1e-5, atol=1e-6)
+    params = new_params
+  oxs.check(state)
+
+
+def test_inject_hyperparams_without_static_args_is_refused_by_name():
+  with pytest.raises(ValueError, match="num_examples.*static_args"):
+    optax.inject_hyperparams(oxs.adam)(learning_rate=LR, num_examples=N).init(
+        PARAMS)
+  with pytest.raises(ValueError, match="batch_size.*static_args"):
+    optax.inject_hyperparams(oxs.adam, static_args="num_examples")(
+        learning_rate=LR, num_examples=N, batch_size=B).init(PARAMS)
