@@ -167,6 +167,8 @@ def with_shapley(
   Raises:
     ValueError: unknown metric/evaluation/contraction, or a metric that needs
       hyperparameters that were not given, or ``num_targets < 1``.  At
+      ``init``: ``inner`` is an ``optax.contrib.schedule_free`` optimizer
+      (:func:`optax_shapley.checks.attributable_optimizer`).  At
       ``update``: ``val_weights`` missing with ``num_targets``, given
       without it, or not of shape ``[K, V]``.
   """
@@ -207,8 +209,10 @@ def with_shapley(
       (num_targets,) if num_targets is not None else ())
 
   def init_fn(params):
+    inner_state = inner.init(params)
+    checks.attributable_optimizer(inner_state)
     return ShapleyState(
-        inner_state=inner.init(params),
+        inner_state=inner_state,
         values=tables.init(table, num_examples, value_shape),
         step_values=jnp.zeros((batch_size or 0,) + value_shape, jnp.float32),
         count=jnp.zeros([], jnp.int32),
