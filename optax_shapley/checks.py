@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_shapley.factors import Factors
 
@@ -149,6 +150,31 @@ def update_arguments(params, factors, example_ids, val_loss,
       raise ValueError(f"example id {int(uniq[counts > 1][0])} appears more "
                        "than once in the batch")
   return ids
+
+
+def attributable_optimizer(inner_state) -> None:
+  """Refuses optimizers whose step is not a step of the model being valued.
+
+  ``optax.contrib.schedule_free`` (``schedule_free_adamw``, ...) takes
+  its gradient at, and returns updates of, the interpolated point ``y``,
+  while the model it trains is ``x = schedule_free_eval_params(state, y)``.
+  The one-step utilities ``L(y_t) - L(y_{t+1})`` then sum to the loss
+  change of ``y``, not of the model one evaluates, and ``x``'s change is
+  not a function of the update alone.
+
+  Raises:
+    ValueError: the state holds an ``optax.contrib.ScheduleFreeState``.
+  """
+  found = optax.tree_utils.tree_get_all_with_path(inner_state,
+                                                 "ScheduleFreeState")
+  if found:
+    raise ValueError(
+        "with_shapley cannot attribute optax.contrib.schedule_free "
+        "optimizers: their gradient and updates are of the interpolated "
+        "point y, but the model is x = schedule_free_eval_params(state, y), "
+        "so the values would account for the validation loss of y, not of "
+        "the model you evaluate. Use an optimizer whose params are the "
+        "model (e.g. oxs.adamw with a schedule).")
 
 
 def step_error(ids, step_vals, num_examples: int) -> jax.Array:

@@ -38,7 +38,8 @@ class Settings(NamedTuple):
     learning_rate: ``eta`` (a float or an optax schedule), or ``None``.
     b1, b2, eps: Adam's hyperparameters, or ``None``.
     fixed_state_previous: ``fixed_state`` reads ``vhat_{t-1}``.
-    elementwise: the optimizer acts coordinate-wise.
+    elementwise: the optimizer acts coordinate-wise (``with_shapley`` sets
+      it per trace from the update's jaxpr unless the user asserted it).
     adam_closed_form: the optimizer is ``optax.adam``/``adamw`` with these
       hyperparameters, so the secant metric has a closed form.
     secant_nodes: Gauss-Legendre nodes of the secant for optimizers that mix
@@ -54,7 +55,7 @@ class Settings(NamedTuple):
   b2: float | None = None
   eps: float | None = None
   fixed_state_previous: bool = False
-  elementwise: bool = False
+  elementwise: bool | None = False
   adam_closed_form: bool = False
   secant_nodes: int = 3
   coalition_permutations: int = 64

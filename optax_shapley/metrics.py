@@ -27,11 +27,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-from jax.extend import core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
 from optax_shapley import shapley
+# Moved to :mod:`optax_shapley.dependence`; kept importable from here.
+from optax_shapley.dependence import frozen_leaves  # noqa: F401
 
 UpdateFn = Callable[[Any], Any]   # g -> u(g), the inner step with state frozen
 
@@ -40,27 +41,6 @@ def finite_or_zero(tree):
   """``tree`` with its non-finite entries set to 0 (a metric where the
   update's Jacobian is not finite, see :func:`linearized_direction`)."""
   return jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0), tree)
-
-
-def frozen_leaves(update_fn: UpdateFn, g) -> tuple[int, ...]:
-  """Leaves (in ``jax.tree.leaves`` order) whose update ignores the gradient.
-
-  ``optax.set_to_zero`` on a frozen backbone (inside ``optax.multi_transform``
-  or a chain) makes ``u(g)`` constant in those leaves: every metric is zero
-  there, so they are skipped by the contraction and the ``sgd`` and
-  ``fixed_state`` metrics, which do not look at the update, are zeroed there
-  too.  Found at trace time from the dependencies of ``jax.make_jaxpr`` of the
-  update (sound: an equation depends on ``g`` if any of its inputs does), so
-  no runtime cost.
-  """
-  closed = jax.make_jaxpr(update_fn)(g)
-  jaxpr = closed.jaxpr
-  live = set(jaxpr.invars)
-  for eqn in jaxpr.eqns:
-    if any(not isinstance(v, jex_core.Literal) and v in live for v in eqn.invars):
-      live.update(eqn.outvars)
-  return tuple(i for i, v in enumerate(jaxpr.outvars)
-               if isinstance(v, jex_core.Literal) or v not in live)
 
 
 def linearized_direction(update_fn: UpdateFn, g, val_grad) -> Any:

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shapley import (adam_state, checks, estimators, layers,
-                           metrics, table as tables, validation)
+from optax_shapley import (adam_state, checks, dependence, estimators,
+                           layers, metrics, table as tables, validation)
 from optax_shapley.contraction import (contract, ghost_contract, ghost_plans,
                                        per_example_grads)
 from optax_shapley.state import ShapleyState, find_state
@@ -57,13 +57,13 @@ def with_shapley(
     b2: float | None = None,
     eps: float | None = None,
     fixed_state_previous: bool = False,
-    elementwise: bool = False,
-    secant_nodes: int = 3,
-    coalition_permutations: int = 64,
-    coalition_chunk: int = 16,
+    elementwise: bool | None = None,
+    secant_nodes: int | None = None,
+    coalition_permutations: int | None = None,
+    coalition_chunk: int | None = None,
     exact_threshold: float = 0.1,
-    exact_memory: int | None = 2 ** 30,
-    ghost_rank: int = 1,
+    exact_memory: int | None = None,
+    ghost_rank: int | None = None,
     ghost_tol: float | None = 0.03,
     num_targets: int | None = None,
     table: str = "replicated",
@@ -98,7 +98,13 @@ def with_shapley(
   Args:
     inner: any optax transformation (the optimizer).
     num_examples: ``N``, the size of the values table.
-    metric: ``"secant"`` (default), ``"linearized"``, ``"fixed_state"`` (the
+    metric: ``"auto"`` (default): ``"secant"``, except at the steps whose
+      :func:`optax_shapley.metrics.ray_nonlinearity` is above
+      ``exact_threshold`` (Adam's sign-descent first steps, a restart of its
+      moments), which are credited by ``"coalitions"``: exact Shapley values
+      of the real update (``state.exact_steps`` counts them).  Or
+      ``"secant"`` (the one-direction secant at every step),
+      ``"linearized"``, ``"fixed_state"`` (the
       paper's method, Adam only), ``"sgd"`` (In-Run Data Shapley baseline)
       or ``"removal"`` (each example's share taken out of the real update,
       :func:`optax_shapley.metrics.removal_values`; with ``"end"``,
@@ -125,7 +131,7 @@ def with_shapley(
       ``ghost_rank`` factorisation of the elementwise metric) wherever the
       metric is elementwise; ``"auto"`` (default): per Dense call, the ghost
       rule where its cost model says it is cheaper, else exact.
-    ghost_rank: ``K`` of the metric factorisation (1 = the paper's
+    ghost_rank: ``K`` of the metric factorisation (``None``: 1, the paper's
       Linearized Ghost Approximation).
     num_targets: ``K``, the number of validation targets (rows of
       ``val_weights``); values then get a trailing axis ``K``.  ``None``
@@ -160,28 +166,67 @@ def with_shapley(
     fixed_state_previous: ``fixed_state`` uses ``vhat_{t-1}`` (the paper's
       Taylor base point) instead of ``vhat_t``.
     coalition_permutations: permutations per step of the ``"coalitions"``
-      metric when ``B > 12`` (exact enumeration below).
+      metric when ``B > 12`` (exact enumeration below); ``None``: 64.
+    coalition_chunk: coalitions (``B <= 12``) or permutations re-run at
+      once by ``"coalitions"`` and the exact steps of ``"auto"``; ``None``:
+      16.  Their memory is about ``3 * coalition_chunk`` parameter-sized
+      trees on top of the ``B`` per-example gradients.
+    exact_threshold: ``"auto"`` credits a step by ``"coalitions"`` where
+      the step's :func:`optax_shapley.metrics.ray_nonlinearity` is above
+      this (0.1: the first 3-4 steps of Adam from initialisation on the
+      bundled models); ``inf``: never, the secant at every step.
+    exact_memory: bytes the exact steps of ``"auto"`` may use,
+      ``(B + 3 coalition_chunk) * P * 4`` for ``P`` parameters (``B``
+      global under data parallelism); ``None``: 1 GiB.  Above it ``"auto"``
+      is the secant at every step and warns at trace time.  Under
+      ``jax.jit`` both branches are compiled, so this memory counts in the
+      compiled step's peak even at steps that do not use it.
     closed_form: ``"adam"`` when ``inner`` is ``optax.adam`` / ``optax.adamw``
       with these ``learning_rate``, ``b1``, ``b2``, ``eps`` (set by
       :func:`adam` and :func:`adamw`): the secant metric is then computed in
       closed form (:func:`optax_shapley.adam_state.adam_secant_scale`, one
       elementwise expression) instead of from ``u(g)``, ``u(0)`` and a ``jax.jvp``
       of the update.  ``None`` (default): from the update, for any optimizer.
-    elementwise: ``inner`` acts coordinate-wise (Adam, AdamW, SGD, RMSProp):
-      the secant metric is then an exact difference quotient.  Leave False
-      for optimizers that mix coordinates (global-norm clipping); secant then
-      uses ``secant_nodes``-point quadrature of ``jax.vjp`` along the ray.
+    elementwise: whether ``inner`` acts coordinate-wise (``du/dg`` is
+      diagonal: Adam, AdamW, SGD, RMSProp, Lion): the ``secant`` and
+      ``linearized`` metrics are then elementwise scales (an exact difference
+      quotient, a ``jax.jvp`` of ones), else ``secant`` integrates
+      ``jax.vjp`` along the ray with ``secant_nodes``-point quadrature
+      (``None``: 3; optimizers that mix coordinates: global-norm clipping, Adafactor).
+      ``None`` (default): decided at trace time from the update's jaxpr
+      (:func:`optax_shapley.dependence.is_coordinatewise`, sound: it only
+      says so when it can prove it).  ``False``: always the quadrature.
+      ``True``: the user's assertion, trusted where the analysis cannot see
+      it (an unlisted primitive); a ``UserWarning`` names the primitives at
+      which the analysis lost track, since a wrong ``True`` gives wrong
+      values.
 
   Raises:
     ValueError: unknown metric/evaluation/contraction, or a metric that needs
       hyperparameters that were not given, or ``num_targets < 1``.  At
+      ``init``: ``inner`` is an ``optax.contrib.schedule_free`` optimizer
+      (:func:`optax_shapley.checks.attributable_optimizer`).  At
       ``update``: ``val_weights`` missing with ``num_targets``, given
       without it, or not of shape ``[K, V]``.
   """
   multi = isinstance(metric, (tuple, list)) or isinstance(evaluation, (tuple, list))
+  num_examples = _static_int("num_examples", num_examples)
+  batch_size, num_targets = (_static_int(name, value, optional=True) for name, value in
+                             (("batch_size", batch_size), ("num_targets", num_targets)))
+  (secant_nodes, coalition_permutations, coalition_chunk, ghost_rank,
+   exact_memory) = (
+      _static_int(name, value, default=default) for name, value, default in (
+          ("secant_nodes", secant_nodes, 3),
+          ("coalition_permutations", coalition_permutations, 64),
+          ("coalition_chunk", coalition_chunk, 16),
+          ("ghost_rank", ghost_rank, 1),
+          ("exact_memory", exact_memory, 2 ** 30)))
+  if elementwise not in (None, True, False):
+    raise ValueError(f"elementwise must be None, True or False, got {elementwise!r}")
   if closed_form not in (None, "adam"):
     raise ValueError(f"closed_form must be None or 'adam', got {closed_form!r}")
-  if closed_form == "adam" and None in (learning_rate, b1, b2, eps):
+  # Hyperparameters may be arrays (optax.inject_hyperparams): no == here.
+  if closed_form == "adam" and any(h is None for h in (learning_rate, b1, b2, eps)):
     raise ValueError("closed_form='adam' needs learning_rate, b1, b2 and eps")
   if contraction not in ("auto", "exact", "ghost"):
     raise ValueError("contraction must be 'auto', 'exact' or 'ghost', got "
@@ -206,8 +251,10 @@ def with_shapley(
       (num_targets,) if num_targets is not None else ())
 
   def init_fn(params):
+    inner_state = inner.init(params)
+    checks.attributable_optimizer(inner_state)
     return ShapleyState(
-        inner_state=inner.init(params),
+        inner_state=inner_state,
         values=tables.init(table, num_examples, value_shape),
         step_values=jnp.zeros((batch_size or 0,) + value_shape, jnp.float32),
         count=jnp.zeros([], jnp.int32),
@@ -228,12 +275,15 @@ def with_shapley(
     validation.check_shape(val_loss, params)
     weights = validation.target_weights(val_weights, num_targets, val_loss,
                                         params)
-    frozen = metrics.frozen_leaves(step.update_of, step.grads)
+    dep = dependence.analyse(step.update_of, step.grads)
+    # Known only now: whether the secant/linearized metrics are elementwise.
+    traced = settings._replace(elementwise=_elementwise(elementwise, dep))
+    frozen = dep.frozen
     # Which Dense calls take the ghost rule is decided at trace time from
     # shapes, so the validation pass keeps its factors only when used.
     plans = {}
     if (contraction != "exact" and linear and weights is None
-        and all(ests[k].metric.is_elementwise(settings) for k in linear)
+        and all(ests[k].metric.is_elementwise(traced) for k in linear)
         and any(layers.has_ghost_rule(p.module, p.method)
                 for p in factors.plans)):
       plans = ghost_plans(
@@ -243,9 +293,9 @@ def with_shapley(
     points = {name: e.point(params, step.u_g, step.u_0)
               for name, e in evaluations.items()}
     val = validation.run(val_loss, points, weights, keep_factors=bool(plans))
-    step, g_dot = _read_back_gradient(step, settings)
+    step, g_dot = _read_back_gradient(step, traced)
     local, mismatch, exact = _step_values(
-        ests, linear, settings, step, val, weights, num_targets, frozen,
+        ests, linear, traced, step, val, weights, num_targets, frozen,
         factors, plans, g_dot, ghost_rank, ghost_tol, axis_name)
     error = mismatch | checks.bits(checks.NON_FINITE, ~val.finite)
     new_state = _credit(state, step.new_state, local, ids, error, exact,
@@ -254,6 +304,43 @@ def with_shapley(
     return step.u_g, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _static_int(name: str, value, *, optional: bool = False, default=None):
+  """``value`` as a Python int (shapes and loop counts are fixed at trace
+  time); ``None`` stays ``None`` where ``optional``, else becomes
+  ``default``.
+
+  Raises:
+    ValueError: ``value`` is an array: ``optax.inject_hyperparams`` turns
+      every int argument not named in ``static_args`` into one.
+  """
+  if value is None:
+    return None if optional else default
+  if isinstance(value, (jax.Array, np.ndarray)) or not isinstance(
+      value, (int, np.integer)):
+    raise ValueError(
+        f"{name} must be a Python int, got {type(value).__name__} {value!r}. "
+        "Under optax.inject_hyperparams name it in static_args, e.g. "
+        "optax.inject_hyperparams(oxs.adam, static_args=('num_examples', "
+        "'batch_size'))")
+  return int(value)
+
+
+def _elementwise(asserted: bool | None,
+                 dep: dependence.UpdateDependence) -> bool:
+  """``with_shapley(elementwise=...)`` against what the jaxpr shows."""
+  if asserted is None:
+    return dep.coordinatewise
+  if asserted and not dep.coordinatewise:
+    warnings.warn(
+        "with_shapley(elementwise=True), but the optimizer's update could not "
+        "be shown to act coordinate-wise on the gradient (the dependence "
+        f"analysis lost track at: {', '.join(dep.mixing) or 'its tree'}). If "
+        "it mixes coordinates (global-norm clipping, Adafactor) the secant "
+        "values are wrong; leave elementwise=None to decide from the update.",
+        stacklevel=3)
+  return asserted
 
 
 def _inner_step(inner, grads, state, params, extra_args, need_zero,
@@ -456,11 +543,31 @@ def _zero_leaves(tree, indices):
 
 def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
          *, num_examples: int, metric="auto", evaluation="midpoint",
-         **kwargs) -> optax.GradientTransformationExtraArgs:
+         batch_size: int | None = None, contraction: str = "auto",
+         axis_name: str | None = None, fixed_state_previous: bool = False,
+         secant_nodes: int | None = None,
+         coalition_permutations: int | None = None,
+         coalition_chunk: int | None = None, exact_threshold: float = 0.1,
+         exact_memory: int | None = None,
+         ghost_rank: int | None = None, ghost_tol: float | None = 0.03,
+         num_targets: int | None = None,
+         table: str = "replicated") -> optax.GradientTransformationExtraArgs:
   """``optax.adam`` with in-run data Shapley values (see :func:`with_shapley`).
 
   The updates are ``optax.adam(learning_rate, b1, b2, eps)``'s (to the
   rounding :func:`with_shapley` describes).
+
+  The keyword options after ``num_examples`` are :func:`with_shapley`'s,
+  spelled out (not ``**kwargs``) so that ``optax.inject_hyperparams`` can
+  bind them: ``optax.inject_hyperparams(oxs.adam, static_args=(
+  "num_examples", "batch_size"))(learning_rate=1e-3, num_examples=N,
+  batch_size=B)`` makes the learning rate (and ``b1``, ``b2``, ``eps``,
+  ``ghost_tol``) hyperparameters of the state, and the metrics read the
+  value in ``state.hyperparams`` at each step.  The integer options that
+  fix shapes or loop counts (``secant_nodes``, ``coalition_permutations``,
+  ``ghost_rank``) default to ``None`` (with_shapley's default) so that they
+  are not turned into arrays; ``num_examples``, ``batch_size`` and
+  ``num_targets`` must be named in ``static_args``.
 
   Example:
     One attributed step of a linear classifier; ``N = 10`` training
@@ -494,38 +601,74 @@ def adam(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
-      closed_form="adam", **kwargs)
+      closed_form="adam", batch_size=batch_size, contraction=contraction,
+      axis_name=axis_name, fixed_state_previous=fixed_state_previous,
+      secant_nodes=secant_nodes, coalition_permutations=coalition_permutations,
+      coalition_chunk=coalition_chunk, exact_threshold=exact_threshold,
+      exact_memory=exact_memory,
+      ghost_rank=ghost_rank, ghost_tol=ghost_tol, num_targets=num_targets,
+      table=table)
 
 
 def adamw(learning_rate, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 1e-4, *, num_examples: int, metric="auto",
-          evaluation="midpoint", mask=None,
-          **kwargs) -> optax.GradientTransformationExtraArgs:
+          evaluation="midpoint", mask=None, batch_size: int | None = None,
+          contraction: str = "auto", axis_name: str | None = None,
+          fixed_state_previous: bool = False, secant_nodes: int | None = None,
+          coalition_permutations: int | None = None,
+          coalition_chunk: int | None = None, exact_threshold: float = 0.1,
+          exact_memory: int | None = None,
+          ghost_rank: int | None = None, ghost_tol: float | None = 0.03,
+          num_targets: int | None = None,
+          table: str = "replicated") -> optax.GradientTransformationExtraArgs:
   """``optax.adamw`` with in-run data Shapley values (see :func:`with_shapley`).
 
   Weight decay does not depend on the gradient, so it belongs to nobody:
-  it drops out of every metric (it is part of ``u(0)``).
+  it drops out of every metric (it is part of ``u(0)``).  A callable
+  ``mask`` must be in ``static_args`` under ``optax.inject_hyperparams``
+  (it would be taken for a schedule, as for ``optax.adamw``); otherwise
+  ``optax.inject_hyperparams`` works as for :func:`adam`.
   """
   return with_shapley(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                   weight_decay=weight_decay, mask=mask),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
       learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, elementwise=True,
-      closed_form="adam", **kwargs)
+      closed_form="adam", batch_size=batch_size, contraction=contraction,
+      axis_name=axis_name, fixed_state_previous=fixed_state_previous,
+      secant_nodes=secant_nodes, coalition_permutations=coalition_permutations,
+      coalition_chunk=coalition_chunk, exact_threshold=exact_threshold,
+      exact_memory=exact_memory,
+      ghost_rank=ghost_rank, ghost_tol=ghost_tol, num_targets=num_targets,
+      table=table)
 
 
 def sgd(learning_rate, momentum: float | None = None, nesterov: bool = False,
         *, num_examples: int, metric="auto", evaluation="midpoint",
-        **kwargs) -> optax.GradientTransformationExtraArgs:
+        batch_size: int | None = None, contraction: str = "auto",
+        axis_name: str | None = None, secant_nodes: int | None = None,
+        coalition_permutations: int | None = None,
+        coalition_chunk: int | None = None, exact_threshold: float = 0.1,
+        exact_memory: int | None = None,
+        ghost_rank: int | None = None, ghost_tol: float | None = 0.03,
+        num_targets: int | None = None,
+        table: str = "replicated") -> optax.GradientTransformationExtraArgs:
   """``optax.sgd`` with in-run data Shapley values (see :func:`with_shapley`).
 
   With ``metric="sgd", evaluation="start"`` and no momentum this is
   first-order In-Run Data Shapley (Wang et al. 2024).
+  ``optax.inject_hyperparams`` works as for :func:`adam` (the ``sgd``
+  metric then reads the injected learning rate).
   """
   return with_shapley(
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
       num_examples=num_examples, metric=metric, evaluation=evaluation,
-      learning_rate=learning_rate, elementwise=True, **kwargs)
+      learning_rate=learning_rate, elementwise=True, batch_size=batch_size,
+      contraction=contraction, axis_name=axis_name, secant_nodes=secant_nodes,
+      coalition_permutations=coalition_permutations,
+      coalition_chunk=coalition_chunk, exact_threshold=exact_threshold,
+      exact_memory=exact_memory, ghost_rank=ghost_rank,
+      ghost_tol=ghost_tol, num_targets=num_targets, table=table)
 
 
 def values(state) -> jax.Array:
