@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from optax_shapley.experiments.demo import ESTIMATORS, run_demo  # noqa: E402
+from optax_shapley.experiments.demo import (  # noqa: E402
+    ESTIMATORS, per_class_auroc, run_demo)
 
 COLUMNS = ["id", "given_label", "true_label", "flipped"] + [
     f"{m}_{e}" for m, e in ESTIMATORS]
@@ -58,3 +59,23 @@ def test_default_estimator_detects_flipped_labels(demo):
   default = f"{ESTIMATORS[0][0]}_{ESTIMATORS[0][1]}"
   assert summary["auroc"][default] > 0.5, summary["auroc"]
   assert summary["test_accuracy"] > 0.5, summary["test_accuracy"]
+
+
+def test_default_is_auto_and_summary_keys(demo):
+  _, summary = demo
+  assert ESTIMATORS[0] == ("auto", "midpoint")
+  assert summary["default"] == "auto_midpoint"
+  assert set(summary["per_class_auroc"]) == set(summary["auroc"])
+  assert set(summary["flipped_in_lowest"]) == {f"{m}_{e}" for m, e in ESTIMATORS}
+
+
+def test_per_class_auroc_ignores_class_offsets():
+  # Flipped examples score higher than clean ones within each class, but
+  # class 1 scores higher overall: the per-class AUROC is 1, the overall not.
+  classes = np.array([0, 0, 0, 1, 1, 1])
+  flipped = np.array([0, 0, 1, 0, 0, 1], bool)
+  score = np.array([0.0, 1.0, 2.0, 10.0, 11.0, 12.0])
+  assert per_class_auroc(flipped, score, classes) == 1.0
+  # A class without flipped examples is skipped.
+  assert per_class_auroc(flipped[:3], score[:3], classes[:3]) == 1.0
+  assert np.isnan(per_class_auroc(np.zeros(3, bool), score[:3], classes[:3]))
