@@ -162,9 +162,25 @@ def attributable_optimizer(inner_state) -> None:
   change of ``y``, not of the model one evaluates, and ``x``'s change is
   not a function of the update alone.
 
+  ``optax.MultiSteps`` (gradient accumulation) steps once per ``k``
+  micro-batches with their mean gradient, but each update call sees one
+  micro-batch's factors: the earlier micro-batches' shares would get no
+  credit, so it is refused until their factors are kept.
+
   Raises:
-    ValueError: the state holds an ``optax.contrib.ScheduleFreeState``.
+    ValueError: the state holds an ``optax.contrib.ScheduleFreeState`` or
+      an ``optax.MultiStepsState``.
   """
+  if optax.tree_utils.tree_get_all_with_path(inner_state, "MultiStepsState"):
+    raise ValueError(
+        "with_shapley cannot attribute optax.MultiSteps yet: the optimizer "
+        "steps once per k micro-batches, and only the last micro-batch's "
+        "factors reach the step, so the earlier micro-batches would be "
+        "credited nothing. Attribute the whole batch in one update instead "
+        "(concatenate the micro-batches' inputs for value_grad_and_factors). "
+        "Do not nest the other way either: optax.MultiSteps(oxs.adam(...)) "
+        "gives oxs a mean gradient that its factors do not add up to, and "
+        "every step is skipped.")
   found = optax.tree_utils.tree_get_all_with_path(inner_state,
                                                  "ScheduleFreeState")
   if found:

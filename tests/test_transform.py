@@ -1081,6 +1081,24 @@ def test_schedule_free_is_refused_at_init():
     tx.init(PARAMS)
 
 
+def test_gradient_accumulation_is_refused_at_init():
+  """MultiSteps inside: only the last micro-batch's factors would be
+  credited.  MultiSteps outside: oxs sees a mean gradient its factors do
+  not add up to, so the step is skipped and check names the nesting."""
+  tx = oxs.with_shapley(optax.MultiSteps(optax.adam(LR), every_k_schedule=2),
+                        num_examples=N)
+  with pytest.raises(ValueError, match="optax.MultiSteps"):
+    tx.init(PARAMS)
+  outer = optax.MultiSteps(oxs.adam(LR, num_examples=N, batch_size=B),
+                           every_k_schedule=2)
+  step = make_step(outer)
+  p, st = PARAMS, outer.init(PARAMS)
+  for ids in BATCH_IDS[:2]:
+    p, st = step(p, st, *batch(ids))
+  with pytest.raises(ValueError, match=r"MultiSteps\(oxs.adam"):
+    oxs.check(st)
+
+
 def test_two_adam_states_refuse_fixed_state_but_not_secant():
   with pytest.raises(ValueError, match="2 optax.ScaleByAdamState"):
     run(oxs.with_shapley(_two_adams(), num_examples=N, metric="fixed_state",
