@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_shapley import ghost, layers, vma
+from optax_shapley import ghost, layers, table, vma
 from optax_shapley.factors import Factors, param_paths
 
 # Examples on which ghost values are checked against the exact rule each step.
@@ -132,8 +132,10 @@ def per_example_grads(factors: Factors, like: Any,
       lambda x: vma.mark_varying(jnp.zeros(jnp.shape(x), jnp.float32), axes),
       like)
   expand = lambda d: jax.tree.map(lambda x: x[None], d)
-  _, vjp = jax.vjp(lambda d: contract(factors, expand(d), skip_leaves)[:, 0],
-                   zeros)
+  # On an explicit-sharding mesh the B values are split over the batch;
+  # replicated, the basis rows below are their cotangents.
+  _, vjp = jax.vjp(lambda d: table.replicated(
+      contract(factors, expand(d), skip_leaves)[:, 0]), zeros)
   basis = vma.mark_varying(jnp.eye(factors.batch_size, dtype=jnp.float32), axes)
   return jax.vmap(lambda e: vjp(e)[0])(basis)
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_shapley import shapley
+from optax_shapley import shapley, vma
 # Moved to :mod:`optax_shapley.dependence`; kept importable from here.
 from optax_shapley.dependence import frozen_leaves  # noqa: F401
 
@@ -201,8 +201,11 @@ def coalition_values(update_fn: UpdateFn, u_0, shares, val_grad, key, *,
       prefix = jax.tree.map(lambda acc, x: acc + x[who], prefix, shares)
       after = jax.vmap(lambda g: gain(update_fn(g)))(prefix)
       return (prefix, after), after - before
-    start = (jax.tree.map(lambda x: jnp.zeros((chunk,) + x.shape[1:], x.dtype),
-                          shares), jnp.zeros(chunk, jnp.float32))
+    # Under shard_map the carry must vary along the axes its updates do.
+    axes = vma.axes_of((shares, v, base, order))
+    zeros = lambda shape, dtype: vma.mark_varying(jnp.zeros(shape, dtype), axes)
+    start = (jax.tree.map(lambda x: zeros((chunk,) + x.shape[1:], x.dtype),
+                          shares), zeros((chunk,), jnp.float32))
     _, marginal = jax.lax.scan(visit, start, jnp.arange(b))     # [B, C]
     out = jnp.zeros((chunk, b), jnp.float32).at[
         jnp.arange(chunk)[:, None], order].set(marginal.T)

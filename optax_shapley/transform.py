@@ -435,10 +435,12 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     weight = jax.tree.map(lambda a: jnp.abs(a.astype(jnp.float32)) if
                           weights is None else jnp.abs(a).sum(0), v)
     hit = metric.exact_when(settings, step, weight)
+    # Both branches replicated: on an explicit-sharding mesh the secant's
+    # values are split over the batch, the coalitions' are not.
     columns[k] = jax.lax.cond(
-        hit, lambda m=metric.exact, n=est.evaluation.name: values_of(
-            m, n, shares()).astype(jnp.float32),
-        lambda c=columns[k]: c.astype(jnp.float32))
+        hit, lambda m=metric.exact, n=est.evaluation.name: tables.replicated(
+            values_of(m, n, shares()).astype(jnp.float32)),
+        lambda c=columns[k]: tables.replicated(c.astype(jnp.float32)))
     exact = exact | hit
   return jnp.stack(columns, axis=1), mismatch, exact
 

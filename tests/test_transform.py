@@ -907,7 +907,7 @@ def test_with_shapley_of_optax_adam_detects_the_elementwise_secant():
   steps.  Same quantity by two float32 formulas: observed 2e-7 relative on
   the accumulated values, 5e-6 on single steps, so 1e-5 and 5e-5.  The
   quadrature (``elementwise=False``) is far off (R ~0.84)."""
-  kw = dict(num_examples=N, batch_size=B)
+  kw = dict(num_examples=N, batch_size=B, metric="secant")
   ref, ref_steps = run_values(oxs.adam(LR, **kw))
   got, got_steps = run_values(oxs.with_shapley(optax.adam(LR), **kw))
   scaled_close(got, ref, 1e-5)
@@ -1036,7 +1036,7 @@ def test_wrapped_optimizer_takes_the_exact_elementwise_secant(name):
   difference quotient of its own update, and add up to
   ``-v . (u(g) - u(0))`` (observed within 2e-5 of either; held to 1e-4)."""
   inner = WRAPPED[name]()
-  tx = oxs.with_shapley(inner, num_examples=N, batch_size=B)
+  tx = oxs.with_shapley(inner, num_examples=N, batch_size=B, metric="secant")
   prev_inner = inner.init(PARAMS)
   for params, state, ids in run(tx, 3):
     oxs.check(state)
@@ -1055,7 +1055,7 @@ def test_apply_if_finite_skips_the_credit_of_a_rejected_step():
   Adam's state; the step's credit is skipped (nothing added, reported),
   and the next finite step is credited as if the bad one never happened."""
   inner = optax.apply_if_finite(optax.adam(LR), 2)
-  tx = oxs.with_shapley(inner, num_examples=N, batch_size=B)
+  tx = oxs.with_shapley(inner, num_examples=N, batch_size=B, metric="secant")
   step = make_step(tx)
   params, state = step(PARAMS, tx.init(PARAMS), *batch(BATCH_IDS[0]))
   before = np.asarray(oxs.values(state))
