@@ -227,8 +227,8 @@ def _nonlinear_step(settings: Settings, step: Step, weight) -> jax.Array:
   return hit
 
 
-#: The default: the secant, and exact Shapley of the real update
-#: (``coalitions``) at the steps where the secant cannot follow it, decided
+#: The default metric, the secant, with exact Shapley values of the real
+#: update (``coalitions``) at the steps where the secant cannot follow it, decided
 #: per step by :func:`~optax_shapley.metrics.ray_nonlinearity` (Adam's
 #: sign-descent first steps, and again after a restart of its moments).
 AUTO = dataclasses.replace(
