@@ -48,7 +48,7 @@ class Settings(NamedTuple):
     coalition_chunk: coalitions whose updates are formed at once.
     exact_threshold: ``"auto"`` credits a step by ``"coalitions"`` where
       its :func:`~optax_shapley.metrics.ray_nonlinearity` is above this.
-    exact_memory: the bytes those steps may use, or ``None``: no bound.
+    exact_memory: the bytes those steps may use.
   """
   learning_rate: Any = None
   b1: float | None = None
@@ -61,7 +61,7 @@ class Settings(NamedTuple):
   coalition_permutations: int = 64
   coalition_chunk: int = 16
   exact_threshold: float = 0.1
-  exact_memory: int | None = 2 ** 30
+  exact_memory: int = 2 ** 30
 
 
 class Step(NamedTuple):

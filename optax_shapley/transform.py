@@ -24,7 +24,6 @@ the checks (:mod:`~optax_shapley.checks`) and the values table
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 import warnings
 
@@ -421,9 +420,9 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     # them, so only the final dot products are batched.
     return column(v) if weights is None else jax.vmap(column, out_axes=1)(v)
 
-  exact = jnp.zeros([], bool)
+  exact, x = jnp.zeros([], bool), None
   if len(linear) < len(ests):
-    x = shares()
+    x = shares()                # formed once, also for the exact branches
     for k, est in enumerate(ests):
       if not est.metric.linear:
         columns[k] = values_of(est.metric, est.evaluation.name, x)
@@ -439,7 +438,8 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     # values are split over the batch, the coalitions' are not.
     columns[k] = jax.lax.cond(
         hit, lambda m=metric.exact, n=est.evaluation.name: tables.replicated(
-            values_of(m, n, shares()).astype(jnp.float32)),
+            values_of(m, n, shares() if x is None else x).astype(
+                jnp.float32)),
         lambda c=columns[k]: tables.replicated(c.astype(jnp.float32)))
     exact = exact | hit
   return jnp.stack(columns, axis=1), mismatch, exact
@@ -450,8 +450,6 @@ def _exact_fits(settings, factors, step) -> bool:
   ``(B + 3 coalition_chunk) * P`` float32 numbers (``B`` global under data
   parallelism), fit in ``settings.exact_memory`` bytes (trace time); warns
   once per trace where they do not."""
-  if settings.exact_memory is None:
-    return True
   size = sum(int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(step.grads))
   b = factors.batch_size * (jax.lax.psum(1, step.axis_name)
                             if step.axis_name is not None else 1)
