@@ -55,8 +55,16 @@ CAPTURE_MISMATCH = StepError(
     "or vice versa; (4) the loss reads a parameter outside the captured "
     "layers (e.g. an L2 penalty on a kernel, or a kernel read directly). "
     "If none applies, please report the model")
+#: ``optax.MultiSteps`` did not step where the kept micro-batches said
+#: (:mod:`optax_shapley.accumulation`).
+ACCUMULATION = StepError(
+    16, "optax.MultiSteps did not step after the k micro-batches kept for "
+    "it, or stepped with another accumulated gradient (an every_k_schedule "
+    "that changes, or use_grad_mean changed after construction): the "
+    "accumulated step was not credited")
 #: Every reason, in bit order.
-STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH)
+STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH,
+               ACCUMULATION)
 
 #: The add-up check's relative tolerance.  ``sum_i x_i . d`` must equal
 #: ``g . d`` (the ``x_i`` add up to the batch gradient), and a larger gap
@@ -163,9 +171,15 @@ def attributable_optimizer(inner_state) -> None:
   not a function of the update alone.
 
   ``optax.MultiSteps`` (gradient accumulation) steps once per ``k``
-  micro-batches with their mean gradient, but each update call sees one
-  micro-batch's factors: the earlier micro-batches' shares would get no
-  credit, so it is refused until their factors are kept.
+  micro-batches with their mean gradient.  Passed to ``with_shapley`` as the
+  ``MultiSteps`` object itself it is credited as one batch
+  (:mod:`optax_shapley.accumulation`); anywhere else (inside a chain, or as
+  ``MultiSteps(...).gradient_transformation()``) each update would see one
+  micro-batch's factors and the others' shares would get no credit.
+
+  Args:
+    inner_state: the wrapped optimizer's state (the inner optimizer's, for
+      an accumulating ``MultiSteps``).
 
   Raises:
     ValueError: the state holds an ``optax.contrib.ScheduleFreeState`` or
@@ -173,14 +187,15 @@ def attributable_optimizer(inner_state) -> None:
   """
   if optax.tree_utils.tree_get_all_with_path(inner_state, "MultiStepsState"):
     raise ValueError(
-        "with_shapley cannot attribute optax.MultiSteps yet: the optimizer "
-        "steps once per k micro-batches, and only the last micro-batch's "
-        "factors reach the step, so the earlier micro-batches would be "
-        "credited nothing. Attribute the whole batch in one update instead "
-        "(concatenate the micro-batches' inputs for value_grad_and_factors). "
-        "Do not nest the other way either: optax.MultiSteps(oxs.adam(...)) "
-        "gives oxs a mean gradient that its factors do not add up to, and "
-        "every step is skipped.")
+        "with_shapley cannot attribute this optax.MultiSteps: pass the "
+        "MultiSteps object itself as the optimizer, "
+        "oxs.with_shapley(optax.MultiSteps(optax.adam(lr), every_k_schedule=k), "
+        "num_examples=N), not inside an optax.chain nor as "
+        ".gradient_transformation(); there each update sees only its own "
+        "micro-batch's factors, so the earlier micro-batches would be "
+        "credited nothing. Do not nest the other way either: "
+        "optax.MultiSteps(oxs.adam(...)) gives oxs a mean gradient that its "
+        "factors do not add up to, and every step is skipped.")
   found = optax.tree_utils.tree_get_all_with_path(inner_state,
                                                  "ScheduleFreeState")
   if found:

@@ -80,27 +80,31 @@ def contract(factors: Factors, directions: Any,
 
 
 def _fallback_contract(factors: Factors, d_leaves, fb) -> jax.Array:
-  """Exact ``c * jvp(l_i, d)`` restricted to the leaves ``fb``, f32[B, E]."""
-  params, args = factors.fallback
+  """Exact ``c * jvp(l_i, d)`` restricted to the leaves ``fb``, f32[B, E]
+  (one forward-mode pass per micro-batch, rows in micro-batch order)."""
+  params, _ = factors.fallback
   leaves = factors.params_treedef.flatten_up_to(params)
-
-  def loss_of(fb_vals):
-    full = list(leaves)
-    for i, v in zip(fb, fb_vals):
-      full[i] = v
-    return factors.loss_fn(jax.tree.unflatten(factors.params_treedef, full), *args)
-
   primals = tuple(leaves[i] for i in fb)
-
-  def one(tangent):
-    tangent = tuple(t.astype(p.dtype) for t, p in zip(tangent, primals))
-    # A tangent that varies over a shard_map axis needs a primal that does.
-    prim = tuple(vma.mark_varying(p, vma.varying_axes(t))
-                 for p, t in zip(primals, tangent))
-    return jax.jvp(loss_of, (prim,), (tangent,))[1]
-
   tangents = tuple(d_leaves[i] for i in fb)
-  out = jax.vmap(one, out_axes=1)(tangents)
+
+  def rows(args):
+    def loss_of(fb_vals):
+      full = list(leaves)
+      for i, v in zip(fb, fb_vals):
+        full[i] = v
+      return factors.loss_fn(jax.tree.unflatten(factors.params_treedef, full),
+                             *args)
+
+    def one(tangent):
+      tangent = tuple(t.astype(p.dtype) for t, p in zip(tangent, primals))
+      # A tangent that varies over a shard_map axis needs a primal that does.
+      prim = tuple(vma.mark_varying(p, vma.varying_axes(t))
+                   for p, t in zip(primals, tangent))
+      return jax.jvp(loss_of, (prim,), (tangent,))[1]
+
+    return jax.vmap(one, out_axes=1)(tangents)
+
+  out = jnp.concatenate([rows(args) for args in factors.fallback_batches()])
   return out.astype(jnp.float32) * factors.scale
 
 

@@ -99,7 +99,9 @@ class Factors:
       ``((), x)`` with ``x`` the call's ``'params'`` dict of per-example
       gradient shares ``c * dl_i/dtheta``, leaves ``f[B, *leaf.shape]``.
     fallback: ``(params, args)`` kept for the forward-mode fallback, or
-      ``None`` when every trainable leaf is owned by a probed call.
+      ``None`` when every trainable leaf is owned by a probed call; for
+      ``micro_batches = k > 1``, ``(params, (args_1, ..., args_k))``, one
+      per micro-batch (``fallback_batches()``).
     grads: the batch gradient ``sum_i x_i`` returned alongside these factors
       (the same arrays, no copy), or ``None``; it lets the transformation
       recognise gradients an earlier transformation in a chain has rescaled
@@ -112,6 +114,9 @@ class Factors:
     params_treedef: static, the tree structure of ``params``.
     batch_size: static, ``B`` (the local batch under data parallelism).
     reduction: static, ``"mean"`` or ``"sum"``.
+    micro_batches: static, ``k``: these are ``k`` micro-batches of
+      ``B / k`` examples each, concatenated (gradient accumulation,
+      :mod:`optax_shapley.accumulation`), each with its own ``c``.
   """
   calls: tuple
   fallback: Any
@@ -122,11 +127,20 @@ class Factors:
   params_treedef: Any
   batch_size: int
   reduction: str
+  micro_batches: int = 1
 
   @property
   def scale(self) -> float:
-    """``c``: ``1/B`` for a mean reduction, ``1`` for a sum."""
-    return reduction_scale(self.reduction, self.batch_size)
+    """``c``: ``1/B`` for a mean reduction (``B`` of one micro-batch), ``1``
+    for a sum."""
+    return reduction_scale(self.reduction,
+                           self.batch_size // self.micro_batches)
+
+  def fallback_batches(self) -> tuple:
+    """The loss arguments of the forward-mode fallback, one per
+    micro-batch (a 1-tuple without accumulation)."""
+    _, args = self.fallback
+    return args if self.micro_batches > 1 else (args,)
 
   def __repr__(self):
     kinds = collections.Counter(type(p.module).__name__ for p in self.plans)
@@ -137,7 +151,7 @@ class Factors:
 jax.tree_util.register_dataclass(
     Factors, data_fields=["calls", "fallback", "grads"],
     meta_fields=["plans", "fallback_leaves", "loss_fn", "params_treedef",
-                 "batch_size", "reduction"])
+                 "batch_size", "reduction", "micro_batches"])
 
 #: The ways a batch's per-example losses make its gradient.
 REDUCTIONS = ("mean", "sum")

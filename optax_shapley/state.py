@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -35,6 +35,10 @@ class ShapleyState(NamedTuple):
     exact_steps: int32, number of credited steps that an estimator with an
       exact fallback (``metric="auto"``) credited by exact Shapley values of
       the real update instead of its one-direction metric.
+    pending: with gradient accumulation (``optax.MultiSteps``), the
+      micro-batches kept until the optimizer steps
+      (:class:`optax_shapley.accumulation.PendingMicroBatches`); ``None``
+      otherwise, and before the first update.
   """
   inner_state: optax.OptState
   values: jax.Array
@@ -46,6 +50,7 @@ class ShapleyState(NamedTuple):
   first_error: jax.Array
   first_error_id: jax.Array
   exact_steps: jax.Array
+  pending: Any = None
 
 
 def find_state(state) -> ShapleyState:

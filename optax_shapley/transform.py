@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_shapley import (adam_state, checks, dependence, estimators,
-                           layers, metrics, table as tables, validation)
+from optax_shapley import (accumulation, adam_state, checks, dependence,
+                           estimators, layers, metrics, table as tables,
+                           validation, vma)
 from optax_shapley.contraction import (contract, ghost_contract, ghost_plans,
                                        per_example_grads)
 from optax_shapley.state import ShapleyState, find_state
@@ -95,7 +96,12 @@ def with_shapley(
   accumulated in ``state.values``; read them with :func:`values`.
 
   Args:
-    inner: any optax transformation (the optimizer).
+    inner: any optax transformation (the optimizer), or an
+      ``optax.MultiSteps`` object (gradient accumulation: call ``update``
+      once per micro-batch with its factors and ids; the step the optimizer
+      takes after ``k`` of them is credited as one step on their
+      concatenated batch, :mod:`optax_shapley.accumulation`; its
+      ``every_k_schedule`` must be a constant int).
     num_examples: ``N``, the size of the values table.
     metric: ``"auto"`` (default): ``"secant"``, except at the steps whose
       :func:`optax_shapley.metrics.ray_nonlinearity` is above
@@ -116,7 +122,7 @@ def with_shapley(
     evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
       pairs with ``metric`` (a single name is broadcast).
     batch_size: the (global) batch size ``B``, to size ``step_values`` at
-      ``init``.  Needed when the update is the body of ``jax.lax.scan`` (or
+      ``init`` (with ``optax.MultiSteps``, the accumulated ``k B``).  Needed when the update is the body of ``jax.lax.scan`` (or
       a ``while_loop``), whose carry must keep its shape, and to restore a
       checkpoint into ``init``'s structure.  If ``None`` the first update
       changes its shape: a jitted Python loop compiles the step twice, and
@@ -203,8 +209,11 @@ def with_shapley(
   Raises:
     ValueError: unknown metric/evaluation/contraction, or a metric that needs
       hyperparameters that were not given, or ``num_targets < 1``.  At
-      ``init``: ``inner`` is an ``optax.contrib.schedule_free`` optimizer
-      (:func:`optax_shapley.checks.attributable_optimizer`).  At
+      ``init``: ``inner`` is an ``optax.contrib.schedule_free`` optimizer,
+      or holds an ``optax.MultiSteps`` other than as ``inner`` itself
+      (:func:`optax_shapley.checks.attributable_optimizer`).  An
+      ``optax.MultiSteps`` with a schedule of accumulation lengths, or with
+      ``table="none"``; at ``update``, one under ``jax.shard_map``.  At
       ``update``: ``val_weights`` missing with ``num_targets``, given
       without it, or not of shape ``[K, V]``.
   """
@@ -245,13 +254,22 @@ def with_shapley(
   ests = estimators.resolve(metric, evaluation, settings)
   linear = tuple(k for k, e in enumerate(ests) if e.metric.linear)
   need_zero = any(e.needs_zero_update(settings) for e in ests)
-  inner = optax.with_extra_args_support(inner)
   value_shape = ((len(ests),) if multi else ()) + (
       (num_targets,) if num_targets is not None else ())
 
+  micro = (accumulation.micro_steps(inner)
+           if isinstance(inner, optax.MultiSteps) else None)
+  if micro is not None and table == "none":
+    raise ValueError(
+        "table='none' cannot stream the values of optax.MultiSteps: its "
+        "steps credit k micro-batches at once; keep a table")
+  multi_steps = inner
+  inner = optax.with_extra_args_support(inner)
+
   def init_fn(params):
     inner_state = inner.init(params)
-    checks.attributable_optimizer(inner_state)
+    checks.attributable_optimizer(
+        inner_state if micro is None else inner_state.inner_opt_state)
     return ShapleyState(
         inner_state=inner_state,
         values=tables.init(table, num_examples, value_shape),
@@ -265,12 +283,9 @@ def with_shapley(
         exact_steps=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None, *, factors=None, example_ids=None,
-                val_loss=None, val_weights=None, **extra_args):
-    ids = checks.update_arguments(params, factors, example_ids, val_loss,
-                                  num_examples)
-    step = _inner_step(inner, updates, state, params, extra_args, need_zero,
-                       settings.learning_rate, axis_name)
+  def attribute(step, params, factors, val_loss, val_weights, divisor=1):
+    """``(values f32[B_local, ...], error int32[], exact bool[])`` of one
+    optimizer step on the batch of ``factors``."""
     validation.check_shape(val_loss, params)
     weights = validation.target_weights(val_weights, num_targets, val_loss,
                                         params)
@@ -295,12 +310,76 @@ def with_shapley(
     step, g_dot = _read_back_gradient(step, traced)
     local, mismatch, exact = _step_values(
         ests, linear, traced, step, val, weights, num_targets, frozen,
-        factors, plans, g_dot, ghost_rank, ghost_tol, axis_name)
-    error = mismatch | checks.bits(checks.NON_FINITE, ~val.finite)
+        factors, plans, g_dot, ghost_rank, ghost_tol, axis_name, divisor)
+    return local, mismatch | checks.bits(checks.NON_FINITE, ~val.finite), exact
+
+  def update_fn(updates, state, params=None, *, factors=None, example_ids=None,
+                val_loss=None, val_weights=None, **extra_args):
+    ids = checks.update_arguments(params, factors, example_ids, val_loss,
+                                  num_examples)
+    if micro is not None:
+      return _accumulate(updates, state, params, factors, ids, val_loss,
+                         val_weights, extra_args)
+    step = _inner_step(inner, updates, state.inner_state, params, extra_args,
+                       need_zero, settings.learning_rate, state.count,
+                       axis_name)
+    local, error, exact = attribute(step, params, factors, val_loss,
+                                    val_weights)
     new_state = _credit(state, step.new_state, local, ids, error, exact,
                         multi, table, num_examples, axis_name)
     _warn_if_resized(state.step_values, new_state.step_values, batch_size)
     return step.u_g, new_state
+
+  def _accumulate(updates, state, params, factors, ids, val_loss,
+                  val_weights, extra_args):
+    """One call of ``optax.MultiSteps``: keep this micro-batch, or (at the
+    ``k``-th) credit the ``k`` micro-batches as one batch
+    (:mod:`optax_shapley.accumulation`)."""
+    if vma.axes_of(ids):
+      raise ValueError(
+          "with_shapley(optax.MultiSteps(...)) under jax.shard_map is not "
+          "supported: the micro-batches kept between steps are per-device "
+          "state, which the state's replicated out_specs cannot hold. Use "
+          "jax.pmap, or jax.jit with the batch sharded.")
+    old = state.inner_state
+    out, new = multi_steps.update(updates, old, params, **extra_args)
+    pending = (state.pending if state.pending is not None
+               else accumulation.empty(factors, ids, micro.k))
+    stepped = new.gradient_step != old.gradient_step
+    taken = stepped | (new.mini_step != old.mini_step)  # not skipped
+    last = old.mini_step == micro.k - 1
+
+    def at_step():
+      joined, all_ids = accumulation.concatenate(pending, factors, ids)
+      acc = accumulation.accumulated_gradient(micro, updates, old)
+      step = _inner_step(micro.inner, acc, old.inner_opt_state, params,
+                         extra_args, need_zero, settings.learning_rate,
+                         old.gradient_step, axis_name)
+      local, error, exact = attribute(step, params, joined, val_loss,
+                                      val_weights, micro.divisor)
+      same = _close(step.u_g, out)
+      error = error | checks.bits(checks.ACCUMULATION, ~last | ~same)
+      return local, all_ids, error, exact
+
+    shapes = jax.eval_shape(at_step)
+
+    def between():
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      # Under shard_map the values and ids vary over the data's axes.
+      axes = vma.axes_of((factors.calls, factors.fallback, ids))
+      return (vma.mark_varying(zeros[0], axes), vma.mark_varying(zeros[1], axes),
+              zeros[2], jnp.zeros([], bool))
+
+    local, all_ids, error, exact = jax.lax.cond(stepped, at_step, between)
+    error = error | checks.bits(checks.ACCUMULATION, ~stepped & taken & last)
+    pending = jax.lax.cond(
+        taken & ~stepped,
+        lambda: accumulation.store(pending, old.mini_step, factors, ids),
+        lambda: pending)
+    new_state = _credit(state, new, local, all_ids, error, exact, multi,
+                        table, num_examples, axis_name, credited=stepped)
+    _warn_if_resized(state.step_values, new_state.step_values, batch_size)
+    return out, new_state._replace(pending=pending)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -342,19 +421,19 @@ def _elementwise(asserted: bool | None,
   return asserted
 
 
-def _inner_step(inner, grads, state, params, extra_args, need_zero,
-                learning_rate, axis_name) -> estimators.Step:
-  """The inner optimizer's update, with ``u(0)`` where an estimator needs it."""
-  inner_update = lambda g: inner.update(g, state.inner_state, params,
-                                        **extra_args)
+def _inner_step(inner, grads, inner_state, params, extra_args, need_zero,
+                learning_rate, count, axis_name) -> estimators.Step:
+  """The inner optimizer's update, with ``u(0)`` where an estimator needs it;
+  ``count``: the optimizer steps taken before this one."""
+  inner_update = lambda g: inner.update(g, inner_state, params, **extra_args)
   u_g, new_inner = inner_update(grads)
   update_of = lambda g: inner_update(g)[0]
   u_0 = update_of(jax.tree.map(jnp.zeros_like, grads)) if need_zero else None
   return estimators.Step(
       grads=grads, late_grads=grads, update_of=update_of, u_g=u_g, u_0=u_0,
-      prev_state=state.inner_state, new_state=new_inner,
-      eta=estimators.learning_rate_at(learning_rate, state.count),
-      count=state.count, axis_name=axis_name)
+      prev_state=inner_state, new_state=new_inner,
+      eta=estimators.learning_rate_at(learning_rate, count),
+      count=count, axis_name=axis_name)
 
 
 def _read_back_gradient(step: estimators.Step, settings: estimators.Settings):
@@ -374,13 +453,15 @@ def _read_back_gradient(step: estimators.Step, settings: estimators.Settings):
 
 def _step_values(ests, linear, settings, step, val, weights, num_targets,
                  frozen, factors, plans, g_dot, ghost_rank, ghost_tol,
-                 axis_name):
+                 axis_name, divisor=1):
   """This device's values, f32[B_local, E] (``[B_local, E, K]`` with
   targets), the int32 error of the add-up and rescale checks, and whether
-  an estimator credited this step by its exact metric (bool[])."""
+  an estimator credited this step by its exact metric (bool[]).
+  ``divisor``: the shares of the optimizer's gradient are the factors'
+  over this (:attr:`optax_shapley.accumulation.MicroSteps.divisor`)."""
   # Under data parallelism x_i carries 1/B_local for a mean; 1/B_global wanted.
   dp_mean = axis_name is not None and factors.reduction == "mean"
-  n_dev = jax.lax.psum(1, axis_name) if dp_mean else 1
+  n_dev = (jax.lax.psum(1, axis_name) if dp_mean else 1) * divisor
   # An earlier transformation in a chain (clip_by_global_norm) may have
   # rescaled the batch gradient: the shares are then c * x_i.
   n_dev, mismatch = checks.upstream_scale(step.grads, factors, axis_name, n_dev)
@@ -488,25 +569,35 @@ def _directions(linear_ests, settings, step, val, weights, frozen):
 
 
 def _credit(state, new_inner, local, ids, error, exact, multi, table,
-            num_examples, axis_name) -> ShapleyState:
-  """The new state: the step's values gathered, checked and added."""
+            num_examples, axis_name, credited=None) -> ShapleyState:
+  """The new state: the step's values gathered, checked and added.
+  ``credited`` (bool[], gradient accumulation): whether this call credits
+  anything; where not, only ``error`` is recorded and ``step_values`` keep
+  the last step's."""
   ids = ids.astype(jnp.int32)
   if axis_name is not None:
     local, ids = tables.gather(local, axis_name), tables.gather(ids, axis_name)
   else:           # plain jit on an explicit mesh: replicate the O(B) parts
     local, ids = tables.replicated(local), tables.replicated(ids)
   step_vals = local if multi else local[:, 0]
-  error = error | checks.step_error(ids, step_vals, num_examples)
+  id_error = checks.step_error(ids, step_vals, num_examples)
+  if credited is not None:
+    id_error = jnp.where(credited, id_error, 0)
+  error = error | id_error
   ok = error == 0
-  credit = jnp.where(ok, step_vals, 0).astype(jnp.float32)
+  add = ok if credited is None else ok & credited
+  credit = jnp.where(add, step_vals, 0).astype(jnp.float32)
+  new_step_vals = jnp.where(ok, step_vals, jnp.nan).astype(jnp.float32)
+  if credited is not None and state.step_values.shape == step_vals.shape:
+    new_step_vals = jnp.where(credited | ~ok, new_step_vals, state.step_values)
   # Only the first failing step is recorded; later ones do not overwrite it.
   first = ~ok & (state.first_error_step < 0)
   keep = lambda new, old: jnp.where(first, new, old).astype(jnp.int32)
-  return ShapleyState(
+  return state._replace(
       inner_state=new_inner,
-      values=tables.add(state.values, table, ids, credit, ok, num_examples,
+      values=tables.add(state.values, table, ids, credit, add, num_examples,
                         axis_name),
-      step_values=jnp.where(ok, step_vals, jnp.nan).astype(jnp.float32),
+      step_values=new_step_vals,
       count=state.count + 1,
       skipped=state.skipped + (~ok).astype(jnp.int32),
       error=state.error | error,
@@ -514,8 +605,15 @@ def _credit(state, new_inner, local, ids, error, exact, multi, table,
       first_error=keep(error, state.first_error),
       first_error_id=keep(checks.offending_id(ids, num_examples),
                           state.first_error_id),
-      exact_steps=state.exact_steps + (ok & exact).astype(jnp.int32),
+      exact_steps=state.exact_steps + (add & exact).astype(jnp.int32),
   )
+
+
+def _close(a, b, rtol: float = 1e-4) -> jax.Array:
+  """bool[]: ``|a - b| <= rtol |b|`` (2-norms over the trees)."""
+  sq = lambda t: sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                     for x in jax.tree.leaves(t))
+  return sq(jax.tree.map(lambda x, y: x - y, a, b)) <= rtol ** 2 * sq(b)
 
 
 def _warn_if_resized(old, new, batch_size) -> None:

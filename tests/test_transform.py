@@ -1081,11 +1081,14 @@ def test_schedule_free_is_refused_at_init():
     tx.init(PARAMS)
 
 
-def test_gradient_accumulation_is_refused_at_init():
-  """MultiSteps inside: only the last micro-batch's factors would be
-  credited.  MultiSteps outside: oxs sees a mean gradient its factors do
+def test_gradient_accumulation_nested_wrongly_is_refused():
+  """MultiSteps inside, but not as the object itself (its
+  gradient_transformation()): only the last micro-batch's factors would be
+  credited, refused at init (tests/test_accumulation.py has the supported
+  nesting).  MultiSteps outside: oxs sees a mean gradient its factors do
   not add up to, so the step is skipped and check names the nesting."""
-  tx = oxs.with_shapley(optax.MultiSteps(optax.adam(LR), every_k_schedule=2),
+  tx = oxs.with_shapley(optax.MultiSteps(
+      optax.adam(LR), every_k_schedule=2).gradient_transformation(),
                         num_examples=N)
   with pytest.raises(ValueError, match="optax.MultiSteps"):
     tx.init(PARAMS)
