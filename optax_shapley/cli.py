@@ -178,10 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="examples per step (default: %(default)s)")
     cmd.add_argument("--lr", type=float, default=3e-3,
                      help="Adam's learning rate (default: %(default)s)")
-    cmd.add_argument("--first-step", choices=("coalitions", "default"),
-                     default="coalitions",
-                     help="credit Adam's sign-descent first step by the "
-                          "coalitions reference (default: %(default)s)")
     cmd.add_argument("--out", default=f"runs/{name}",
                      help="output folder (default: %(default)s)")
     if name == "detect":
@@ -247,7 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         fraction=args.fraction, epochs=args.epochs,
         batch_size=args.batch_size, learning_rate=args.lr,
         hidden=(args.hidden,),
-        first_step=args.first_step,
         seed=getattr(args, "seed", 0))
     if args.command == "detect":
       detect.run_detect(dcfg, out_dir=args.out, progress=True)

@@ -9,7 +9,9 @@ target per class (:func:`optax_shapley.class_targets`).  Each example gets a
 suspicion score (higher = more likely corrupted) from:
 
 - ``value``: minus its accumulated value against the overall target
-  (default Adam-aware estimator, ``secant@midpoint``);
+  (the default estimator, ``auto@midpoint``: the Adam-aware secant, with
+  exact Shapley values of the real update at Adam's sign-descent first
+  steps);
 - ``value_class_min``: minus its most negative per-class value (an example
   that hurts one class a lot is suspect even if it helps the others);
 - ``value_class_zmin``: the same in units of each class target's standard
@@ -26,11 +28,7 @@ suspicion score (higher = more likely corrupted) from:
   spaced epochs; Pruthi et al. 2020), and ``random``.
 
 Reported per score: AUROC for "corrupted" and precision among the ``k``
-highest-scored examples, ``k`` the true number corrupted.  Adam's first step
-is sign descent, where the one-direction estimators misread the step
-(docs/fidelity.md); by default (``first_step="coalitions"``) step 1 is
-therefore credited by a transformation with ``metric="coalitions"`` in the
-default's column (same state layout), and the later steps by the default.
+highest-scored examples, ``k`` the true number corrupted.
 """
 
 from __future__ import annotations
@@ -55,8 +53,8 @@ __all__ = ["Config", "Attribution", "attribute", "suspicion_scores",
 
 CORRUPTIONS = ("flip", "noise")
 #: (metric, evaluation) tracked in the run: the default and the SGD proxy.
-ESTIMATORS = (("secant", "midpoint"), ("sgd", "start"))
-VALUE_PREFIX = {("secant", "midpoint"): "value", ("sgd", "start"): "sgd_value"}
+ESTIMATORS = (("auto", "midpoint"), ("sgd", "start"))
+VALUE_PREFIX = {("auto", "midpoint"): "value", ("sgd", "start"): "sgd_value"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +78,6 @@ class Config:
     seed: seeds the corruption, initialisation and batch order.
     split_seed: seeds the train / validation / test split (held fixed when
       several seeds are compared, so they share one test set).
-    first_step: ``"coalitions"`` (step 1 credited by the per-example
-      reference, see the module docstring) or ``"default"``.
     checkpoints: TracIn checkpoints (evenly spaced epoch ends, the last
       included).
   """
@@ -96,7 +92,6 @@ class Config:
   test_size: float | int = 0.2
   seed: int = 0
   split_seed: int = 0
-  first_step: str = "coalitions"
   checkpoints: int = 5
 
   def __post_init__(self):
@@ -108,9 +103,6 @@ class Config:
                        f"{CORRUPTIONS}")
     if not 0.0 < self.fraction < 1.0:
       raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
-    if self.first_step not in ("coalitions", "default"):
-      raise ValueError("first_step must be 'coalitions' or 'default', got "
-                       f"{self.first_step!r}")
     if self.epochs < 1 or self.checkpoints < 1:
       raise ValueError("epochs and checkpoints must be >= 1")
 
@@ -127,6 +119,8 @@ class Attribution:
     baselines: name -> f64[N] suspicion scores of the baselines.
     test_accuracy, val_loss: of the final model.
     seconds: wall time of the run.
+    exact_steps: steps the default credited by exact Shapley values
+      (``ShapleyState.exact_steps``).
   """
   split: data.Split
   corrupted: np.ndarray
@@ -135,6 +129,7 @@ class Attribution:
   test_accuracy: float
   val_loss: float
   seconds: float
+  exact_steps: int = 0
 
 
 def corrupted_split(cfg: Config) -> tuple[data.Split, np.ndarray]:
@@ -184,27 +179,18 @@ def attribute(cfg: Config, progress: bool = False) -> Attribution:
   def val_loss(p):
     return pel(p, X_val, y_val)
 
-  def make_tx(ests):
-    return oxs.adam(cfg.learning_rate, num_examples=N,
-                    metric=tuple(m for m, _ in ests),
-                    evaluation=tuple(e for _, e in ests), batch_size=B,
-                    num_targets=1 + C)
+  tx = oxs.adam(cfg.learning_rate, num_examples=N,
+                metric=tuple(m for m, _ in ESTIMATORS),
+                evaluation=tuple(e for _, e in ESTIMATORS), batch_size=B,
+                num_targets=1 + C)
 
-  tx = make_tx(ESTIMATORS)
-  first_tx = (make_tx((("coalitions", "midpoint"),) + ESTIMATORS[1:])
-              if cfg.first_step == "coalitions" else tx)
-
-  def make_step(t):
-    @jax.jit
-    def step(params, state, loss_sum, x, y, ids):
-      losses, g, f = oxs.value_grad_and_factors(pel)(params, x, y)
-      u, state = t.update(g, state, params, factors=f, example_ids=ids,
-                          val_loss=val_loss, val_weights=weights)
-      return (optax.apply_updates(params, u), state,
-              loss_sum.at[ids].add(losses))
-    return step
-
-  step, first = make_step(tx), make_step(first_tx)
+  @jax.jit
+  def step(params, state, loss_sum, x, y, ids):
+    losses, g, f = oxs.value_grad_and_factors(pel)(params, x, y)
+    u, state = tx.update(g, state, params, factors=f, example_ids=ids,
+                         val_loss=val_loss, val_weights=weights)
+    return (optax.apply_updates(params, u), state,
+            loss_sum.at[ids].add(losses))
 
   @jax.jit
   def tracin_scores(p, x, y):
@@ -223,14 +209,11 @@ def attribute(cfg: Config, progress: bool = False) -> Attribution:
   rng = np.random.default_rng(cfg.seed)
   bar = oxs.Progress(total=cfg.epochs * (N // B), batch_size=B,
                      enabled=progress, desc=f"detect {cfg.dataset}")
-  t = 0
   for epoch in range(1, cfg.epochs + 1):
     for ids_np in epoch_batches(rng, N, B):
       ids = jnp.asarray(ids_np, jnp.int32)
-      fn = first if t == 0 else step
-      params, state, loss_sum = fn(params, state, loss_sum, X_tr[ids],
-                                   y_tr[ids], ids)
-      t += 1
+      params, state, loss_sum = step(params, state, loss_sum, X_tr[ids],
+                                     y_tr[ids], ids)
       bar.update(state)
     if epoch in marks:
       tracin += np.asarray(tracin_scores(params, X_tr, y_tr), np.float64)
@@ -256,7 +239,8 @@ def attribute(cfg: Config, progress: bool = False) -> Attribution:
       test_accuracy=float(np.mean(np.asarray(test_logits).argmax(-1)
                                   == split.y_test)),
       val_loss=float(jnp.mean(val_loss(params))),
-      seconds=time.perf_counter() - t0)
+      seconds=time.perf_counter() - t0,
+      exact_steps=int(state.exact_steps))
 
 
 def suspicion_scores(att: Attribution) -> dict[str, np.ndarray]:
@@ -301,7 +285,8 @@ def run_detect(cfg: Config = Config(), out_dir: str | None = "runs/detect",
       num_train=len(att.corrupted), num_corrupted=int(att.corrupted.sum()),
       num_val=len(att.split.y_val), num_test=len(att.split.y_test),
       num_classes=att.split.num_classes, test_accuracy=att.test_accuracy,
-      val_loss=att.val_loss, seconds=att.seconds, metrics=metrics)
+      val_loss=att.val_loss, seconds=att.seconds,
+      exact_steps=att.exact_steps, metrics=metrics)
   if out_dir is not None:
     reports.write(out_dir, "detect", report, format_markdown(report))
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
@@ -331,7 +316,8 @@ def format_markdown(report: dict) -> str:
            f"Adam lr {c['learning_rate']:g}, B = {c['batch_size']}, "
            f"{c['epochs']} epochs; {report['num_val']} clean validation "
            f"examples as 1 + {report['num_classes']} targets; test accuracy "
-           f"{report['test_accuracy']:.4f}; {report['seconds']:.0f} s.\n",
+           f"{report['test_accuracy']:.4f}; {report['exact_steps']} exact "
+           f"steps; {report['seconds']:.0f} s.\n",
            f"| score | AUROC | precision at {report['num_corrupted']} |",
            "|---|---|---|"]
   for name, m in report["metrics"].items():
