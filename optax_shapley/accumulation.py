@@ -96,10 +96,14 @@ class PendingMicroBatches(NamedTuple):
     fallback_args: the loss arguments kept for the forward-mode fallback,
       stacked ``[k - 1, ...]``, or ``None`` when no leaf takes it.
     ids: int32[k - 1, B], the micro-batches' example ids.
+    error: int32[], :mod:`~optax_shapley.checks` bits of the kept
+      micro-batches (a gradient changed before the transformation), added
+      to the step's.
   """
   calls: Any
   fallback_args: Any
   ids: jax.Array
+  error: jax.Array
 
 
 def empty(factors: Factors, ids: jax.Array, k: int) -> PendingMicroBatches:
@@ -109,19 +113,23 @@ def empty(factors: Factors, ids: jax.Array, k: int) -> PendingMicroBatches:
   return PendingMicroBatches(
       calls=jax.tree.map(slots, factors.calls),
       fallback_args=jax.tree.map(slots, args),
-      ids=slots(ids.astype(jnp.int32)))
+      ids=slots(ids.astype(jnp.int32)), error=jnp.zeros([], jnp.int32))
 
 
 def store(pending: PendingMicroBatches, slot, factors: Factors,
-          ids: jax.Array) -> PendingMicroBatches:
-  """``pending`` with slot ``slot`` (int32[]) set to this micro-batch."""
+          ids: jax.Array, error) -> PendingMicroBatches:
+  """``pending`` with slot ``slot`` (int32[]) set to this micro-batch and
+  its ``error`` bits added (unchanged for ``k = 1``: nothing is kept)."""
+  if pending.ids.shape[0] == 0:
+    return pending
   put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(
       buf, x.astype(buf.dtype), slot, 0)
   args = None if factors.fallback is None else factors.fallback[1]
   return PendingMicroBatches(
       calls=jax.tree.map(put, pending.calls, factors.calls),
       fallback_args=jax.tree.map(put, pending.fallback_args, args),
-      ids=put(pending.ids, ids.astype(jnp.int32)))
+      ids=put(pending.ids, ids.astype(jnp.int32)),
+      error=pending.error | error)
 
 
 def concatenate(pending: PendingMicroBatches, factors: Factors,
@@ -133,6 +141,8 @@ def concatenate(pending: PendingMicroBatches, factors: Factors,
   (divide by :attr:`MicroSteps.divisor` for the accumulated gradient's).
   """
   k = pending.ids.shape[0] + 1
+  if k == 1:
+    return factors, ids.astype(jnp.int32)
   join = lambda buf, x: jnp.concatenate(
       [buf.reshape((-1,) + buf.shape[2:]), x.astype(buf.dtype)])
   calls = jax.tree.map(join, pending.calls, factors.calls)

@@ -60,8 +60,10 @@ CAPTURE_MISMATCH = StepError(
 ACCUMULATION = StepError(
     16, "optax.MultiSteps did not step after the k micro-batches kept for "
     "it, or stepped with another accumulated gradient (an every_k_schedule "
-    "that changes, or use_grad_mean changed after construction): the "
-    "accumulated step was not credited")
+    "that changes), or a transformation before with_shapley changed a "
+    "micro-batch's gradient (put clipping inside the MultiSteps: "
+    "optax.MultiSteps(optax.chain(clip, adam), k)): the accumulated step "
+    "was not credited")
 #: Every reason, in bit order.
 STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH,
                ACCUMULATION)

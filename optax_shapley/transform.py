@@ -122,7 +122,8 @@ def with_shapley(
     evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
       pairs with ``metric`` (a single name is broadcast).
     batch_size: the (global) batch size ``B``, to size ``step_values`` at
-      ``init`` (with ``optax.MultiSteps``, the accumulated ``k B``).  Needed when the update is the body of ``jax.lax.scan`` (or
+      ``init`` (the accumulated ``k B`` with ``optax.MultiSteps``).
+      Needed when the update is the body of ``jax.lax.scan`` (or
       a ``while_loop``), whose carry must keep its shape, and to restore a
       checkpoint into ``init``'s structure.  If ``None`` the first update
       changes its shape: a jitted Python loop compiles the step twice, and
@@ -349,6 +350,13 @@ def with_shapley(
     taken = stepped | (new.mini_step != old.mini_step)  # not skipped
     last = old.mini_step == micro.k - 1
 
+    # A transformation before this one (clip_by_global_norm) may have
+    # rescaled this micro-batch's gradient: each micro-batch would need its
+    # own factor, so the step is refused rather than credited unscaled.
+    scale, bad = checks.upstream_scale(updates, factors, axis_name, 1.0)
+    changed = checks.bits(checks.ACCUMULATION, (jnp.asarray(bad) != 0) | (
+        jnp.abs(jnp.asarray(scale, jnp.float32) - 1) > checks.RESCALE_RTOL))
+
     def at_step():
       joined, all_ids = accumulation.concatenate(pending, factors, ids)
       acc = accumulation.accumulated_gradient(micro, updates, old)
@@ -358,7 +366,8 @@ def with_shapley(
       local, error, exact = attribute(step, params, joined, val_loss,
                                       val_weights, micro.divisor)
       same = _close(step.u_g, out)
-      error = error | checks.bits(checks.ACCUMULATION, ~last | ~same)
+      error = (error | pending.error | changed
+               | checks.bits(checks.ACCUMULATION, ~last | ~same))
       return local, all_ids, error, exact
 
     shapes = jax.eval_shape(at_step)
@@ -374,10 +383,13 @@ def with_shapley(
     error = error | checks.bits(checks.ACCUMULATION, ~stepped & taken & last)
     pending = jax.lax.cond(
         taken & ~stepped,
-        lambda: accumulation.store(pending, old.mini_step, factors, ids),
+        lambda: accumulation.store(pending, old.mini_step, factors, ids,
+                                   changed),
         lambda: pending)
+    pending = pending._replace(error=jnp.where(stepped, 0, pending.error))
     new_state = _credit(state, new, local, all_ids, error, exact, multi,
-                        table, num_examples, axis_name, credited=stepped)
+                        table, num_examples, axis_name, credited=stepped,
+                        micro=(micro.k, factors.batch_size))
     _warn_if_resized(state.step_values, new_state.step_values, batch_size)
     return out, new_state._replace(pending=pending)
 
@@ -569,14 +581,22 @@ def _directions(linear_ests, settings, step, val, weights, frozen):
 
 
 def _credit(state, new_inner, local, ids, error, exact, multi, table,
-            num_examples, axis_name, credited=None) -> ShapleyState:
+            num_examples, axis_name, credited=None,
+            micro=(1, 0)) -> ShapleyState:
   """The new state: the step's values gathered, checked and added.
   ``credited`` (bool[], gradient accumulation): whether this call credits
   anything; where not, only ``error`` is recorded and ``step_values`` keep
-  the last step's."""
+  the last step's.  ``micro``: ``(k, B_local)`` of accumulated
+  micro-batches, whose rows are put in the order of the concatenated
+  global micro-batches."""
   ids = ids.astype(jnp.int32)
   if axis_name is not None:
     local, ids = tables.gather(local, axis_name), tables.gather(ids, axis_name)
+    k, b = micro
+    if k > 1:       # [device, micro-batch, example] -> [micro-batch, device, ...]
+      order = lambda x: jnp.swapaxes(
+          x.reshape((-1, k, b) + x.shape[1:]), 0, 1).reshape(x.shape)
+      local, ids = order(local), order(ids)
   else:           # plain jit on an explicit mesh: replicate the O(B) parts
     local, ids = tables.replicated(local), tables.replicated(ids)
   step_vals = local if multi else local[:, 0]
@@ -613,7 +633,9 @@ def _close(a, b, rtol: float = 1e-4) -> jax.Array:
   """bool[]: ``|a - b| <= rtol |b|`` (2-norms over the trees)."""
   sq = lambda t: sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                      for x in jax.tree.leaves(t))
-  return sq(jax.tree.map(lambda x, y: x - y, a, b)) <= rtol ** 2 * sq(b)
+  ref = sq(b)
+  close = sq(jax.tree.map(lambda x, y: x - y, a, b)) <= rtol ** 2 * ref
+  return close | ~jnp.isfinite(ref)    # non-finite: the NON_FINITE check's
 
 
 def _warn_if_resized(old, new, batch_size) -> None:

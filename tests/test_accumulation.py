@@ -106,6 +106,27 @@ def test_a_rejected_micro_batch_is_not_kept():
   assert not np.any(oxs.values(st)[bad])
 
 
+def test_one_micro_batch_per_step_is_the_plain_run():
+  batches = [b[:MB] for b in BATCHES]
+  got = run(oxs.with_shapley(optax.MultiSteps(optax.adam(LR), 1),
+                             num_examples=N, batch_size=MB), batches, False)
+  assert_same_run(got, run(oxs.adam(LR, num_examples=N, batch_size=MB),
+                           batches, False))
+
+
+def test_clipping_before_the_accumulation_is_refused():
+  """``chain(clip_by_global_norm, with_shapley(MultiSteps))`` clips each
+  micro-batch by its own factor: the step is not credited (clip inside
+  the MultiSteps instead)."""
+  acc = optax.chain(optax.clip_by_global_norm(1e-3), oxs.with_shapley(
+      optax.MultiSteps(optax.adam(LR), every_k_schedule=K), num_examples=N,
+      batch_size=K * MB))
+  _, st = run(acc, BATCHES[:1], True)
+  with pytest.raises(ValueError, match="changed a micro-batch's gradient"):
+    oxs.check(st)
+  assert not np.any(oxs.values(st))
+
+
 def test_an_id_repeated_across_micro_batches_skips_the_step():
   acc = oxs.with_shapley(optax.MultiSteps(optax.adam(LR), every_k_schedule=K),
                          num_examples=N, batch_size=K * MB)
@@ -167,7 +188,11 @@ def test_under_pmap_matches_one_device():
   first = lambda t: jax.tree.map(lambda a: a[0], t)
   np.testing.assert_array_equal(oxs.values(st)[0], oxs.values(st)[1])
   whole = oxs.adam(LR, num_examples=N, batch_size=K * MB)
-  assert_same_run((first(p), first(st)), run(whole, BATCHES, False), rtol=2e-5)
+  want = run(whole, BATCHES, False)
+  assert_same_run((first(p), first(st)), want, rtol=2e-5)
+  # step_values in the order of the concatenated batch's ids.
+  np.testing.assert_allclose(oxs.step_values(st)[0], oxs.step_values(want[1]),
+                             atol=2e-5 * np.abs(oxs.values(want[1])).max())
 
   mesh = jax.make_mesh((devices,), ("d",),
                        axis_types=(jax.sharding.AxisType.Auto,))
