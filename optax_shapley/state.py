@@ -21,7 +21,8 @@ class ShapleyState(NamedTuple):
       ``values``): the last step's values, aligned with the last
       ``example_ids`` (gathered in device order under data parallelism).
       Zeros before the first step, NaN after a skipped step.
-    count: int32, number of steps taken.
+    count: int32, number of steps taken (update calls: with
+      ``optax.MultiSteps``, micro-batches).
     skipped: int32, number of steps whose credit was skipped (see ``error``).
     error: int32 bitmask of the reasons credit was skipped
       (:data:`optax_shapley.checks.STEP_ERRORS`), over all steps.
