@@ -341,7 +341,7 @@ def with_shapley(
           "with_shapley(optax.MultiSteps(...)) under jax.shard_map is not "
           "supported: the micro-batches kept between steps are per-device "
           "state, which the state's replicated out_specs cannot hold. Use "
-          "jax.pmap, or jax.jit with the batch sharded.")
+          "jax.pmap.")
     old = state.inner_state
     out, new = multi_steps.update(updates, old, params, **extra_args)
     pending = (state.pending if state.pending is not None
@@ -368,16 +368,13 @@ def with_shapley(
       same = _close(step.u_g, out)
       error = (error | pending.error | changed
                | checks.bits(checks.ACCUMULATION, ~last | ~same))
-      return local, all_ids, error, exact
+      return local.astype(jnp.float32), all_ids, error, exact
 
-    shapes = jax.eval_shape(at_step)
-
-    def between():
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      # Under shard_map the values and ids vary over the data's axes.
-      axes = vma.axes_of((factors.calls, factors.fallback, ids))
-      return (vma.mark_varying(zeros[0], axes), vma.mark_varying(zeros[1], axes),
-              zeros[2], jnp.zeros([], bool))
+    def between():             # no step: nothing credited
+      rows = micro.k * factors.batch_size
+      return (jnp.zeros((rows, len(ests)) + value_shape[multi:], jnp.float32),
+              jnp.zeros([rows], jnp.int32), jnp.zeros([], jnp.int32),
+              jnp.zeros([], bool))
 
     local, all_ids, error, exact = jax.lax.cond(stepped, at_step, between)
     error = error | checks.bits(checks.ACCUMULATION, ~stepped & taken & last)
