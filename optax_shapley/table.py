@@ -133,7 +133,8 @@ def state_partition_specs(state, axis_name: str):
       scalars = ShapleyState(*[P()] * len(ShapleyState._fields))
       return scalars._replace(
           inner_state=jax.tree.map(lambda _: P(), x.inner_state),
-          values=P(axis_name))
+          values=P(axis_name),
+          pending=jax.tree.map(lambda _: P(), x.pending))
     return P()
 
   return jax.tree.map(spec, state, is_leaf=is_state)

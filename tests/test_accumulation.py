@@ -202,3 +202,19 @@ def test_under_pmap_matches_one_device():
   with pytest.raises(ValueError, match="under jax.shard_map is not supported"):
     sharded(PROB.PARAMS, tx.init(PROB.PARAMS), PROB.X[:MB], PROB.Y[:MB],
             jnp.arange(MB))
+
+
+def test_partition_specs_have_the_state_structure():
+  """``state_partition_specs`` is a tree of the state's own structure, with
+  or without pending micro-batches: mapping over state and specs together
+  (as building an orbax restore target does) works."""
+  tx = oxs.with_shapley(optax.MultiSteps(optax.adam(LR), every_k_schedule=K),
+                        num_examples=N, batch_size=K * MB)
+  st, part = tx.init(PROB.PARAMS), BATCHES[0][:MB]
+  for pending in (False, True):
+    assert (st.pending is not None) == pending
+    specs = oxs.state_partition_specs(st, "d")
+    sharded = jax.tree.map(lambda a, s: s == P("d"), st, specs)
+    assert sum(jax.tree.leaves(sharded)) == 1 and specs.values == P("d")
+    st = make_step(tx)(PROB.PARAMS, st, PROB.X[part], PROB.Y[part],
+                       jnp.asarray(part))[1]
