@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shapley import adam_state, metrics
+from optax_shapley import adam_state, metrics, shapley
 
 
 class Settings(NamedTuple):
@@ -159,15 +159,10 @@ def _secant_scale(settings: Settings, step: Step):
   return metrics.secant_scale(step.update_of, step.grads, step.u_g, step.u_0)
 
 
-def _coalition_values(settings: Settings, step: Step, shares, v):
-  """Coalitions span the global batch, so under data parallelism the shares
-  are all-gathered (``B_global`` times the parameters' memory on every
-  device) and each device keeps its own slice."""
-  key = jax.random.fold_in(jax.random.key(0), step.count)
-  run = lambda s: metrics.coalition_values(
-      step.update_of, step.u_0, s, v, key,
-      num_permutations=settings.coalition_permutations,
-      batch_size=settings.coalition_chunk)
+def _global_values(step: Step, shares, run):
+  """``run(shares)`` over the global batch: under data parallelism the
+  shares are all-gathered (``B_global`` times the parameters' memory on
+  every device) and each device keeps its own slice of the values."""
   if step.axis_name is None:
     return run(shares)
   local = jax.tree.leaves(shares)[0].shape[0]
@@ -175,6 +170,34 @@ def _coalition_values(settings: Settings, step: Step, shares, v):
       lambda x: jax.lax.all_gather(x, step.axis_name, tiled=True), shares)
   start = jax.lax.axis_index(step.axis_name) * local
   return jax.lax.dynamic_slice_in_dim(run(full), start, local)
+
+
+def _coalition_values(settings: Settings, step: Step, shares, v):
+  key = jax.random.fold_in(jax.random.key(0), step.count)
+  return _global_values(step, shares, lambda s: metrics.coalition_values(
+      step.update_of, step.u_0, s, v, key,
+      num_permutations=settings.coalition_permutations,
+      batch_size=settings.coalition_chunk))
+
+
+def _prefix_normal_values(settings: Settings, step: Step, shares, v):
+  if not settings.elementwise:
+    raise ValueError(
+        "metric='prefix_normal' needs an optimizer that acts coordinate-wise "
+        "(its update of each parameter entry reads only that entry's "
+        "gradient); this one mixes coordinates. Use metric='coalitions'.")
+  return _global_values(step, shares, lambda s: metrics.prefix_normal_values(
+      step.update_of, step.u_0, s, v, batch_size=settings.coalition_chunk))
+
+
+def _exact_values(settings: Settings, step: Step, shares, v):
+  """Exact enumeration up to ``EXACT_MAX_PLAYERS`` examples, else the
+  per-coordinate games of an elementwise optimizer, else permutations."""
+  players = jax.tree.leaves(shares)[0].shape[0] * (
+      1 if step.axis_name is None else jax.lax.psum(1, step.axis_name))
+  if settings.elementwise and players > shapley.EXACT_MAX_PLAYERS:
+    return _prefix_normal_values(settings, step, shares, v)
+  return _coalition_values(settings, step, shares, v)
 
 
 #: The SGD metric ``D = -eta I`` (first-order In-Run Data Shapley, TracIn).
@@ -218,6 +241,19 @@ REMOVAL = Metric(
 COALITIONS = Metric(name="coalitions", needs_zero_update=_always,
                     values=_coalition_values)
 
+#: Shapley values of an elementwise optimizer's real update, coordinate by
+#: coordinate with normal-approximated prefix sums
+#: (:func:`~optax_shapley.metrics.prefix_normal_values`).
+PREFIX_NORMAL = Metric(name="prefix_normal", needs_zero_update=_always,
+                       values=_prefix_normal_values)
+
+#: What ``"auto"`` credits its nonlinear steps by: :data:`COALITIONS`
+#: enumerated exactly up to ``EXACT_MAX_PLAYERS`` examples, beyond that
+#: :data:`PREFIX_NORMAL` for an elementwise optimizer, else
+#: :data:`COALITIONS` by permutations.
+SHAPLEY_OF_UPDATE = Metric(name="shapley_of_update", needs_zero_update=_always,
+                           values=_exact_values)
+
 def _nonlinear_step(settings: Settings, step: Step, weight) -> jax.Array:
   nu = metrics.ray_nonlinearity(step.update_of, step.late_grads, step.u_g,
                                 step.u_0, weight)
@@ -232,13 +268,13 @@ def _nonlinear_step(settings: Settings, step: Step, weight) -> jax.Array:
 #: per step by :func:`~optax_shapley.metrics.ray_nonlinearity` (Adam's
 #: sign-descent first steps, and again after a restart of its moments).
 AUTO = dataclasses.replace(
-    SECANT, name="auto", needs_zero_update=_always, exact=COALITIONS,
+    SECANT, name="auto", needs_zero_update=_always, exact=SHAPLEY_OF_UPDATE,
     exact_when=_nonlinear_step)
 
 #: Every metric, by name.
 METRICS: dict[str, Metric] = {
     m.name: m for m in (AUTO, SGD, FIXED_STATE, LINEARIZED, SECANT, REMOVAL,
-                        COALITIONS)}
+                        COALITIONS, PREFIX_NORMAL)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -215,6 +215,150 @@ def coalition_values(update_fn: UpdateFn, u_0, shares, val_grad, key, *,
   return jax.lax.map(walk, chunks).sum(0) / p
 
 
+#: Gauss-Hermite nodes of the directly evaluated small prefixes of
+#: :func:`prefix_normal_values`, and Gauss-Legendre nodes over the rest.
+PREFIX_DIRECT_NODES = 4
+PREFIX_SIZE_NODES = 8
+PREFIX_SMOOTHING_NODES = 8
+
+
+def _hermite(n: int):
+  """Probabilists' Gauss-Hermite nodes and weights summing to 1 (the
+  expectation over ``z ~ N(0, 1)``)."""
+  z, w = np.polynomial.hermite_e.hermegauss(n)
+  return z, w / w.sum()
+
+
+def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
+                         batch_size: int = 16) -> jax.Array:
+  r"""Shapley values of an elementwise optimizer's real update, first order
+  in ``L``, each coordinate's game solved with normal-approximated prefixes.
+
+  The utility is that of :func:`coalition_values`.  When the update acts
+  coordinate-wise (Adam, with its state frozen), it is a sum of games of
+  one variable each,
+
+  .. math::
+
+      U(S) = -\sum_j v_j \bigl(u_j(g_{S,j}) - u_j(0)\bigr), \qquad
+      \phi_i = -\sum_j v_j \psi_{ij}, \qquad
+      \psi_{ij} = \frac{1}{n_j} \sum_{k=0}^{n_j - 1}
+        \mathbb{E}_{|S| = k}\bigl[u_j(P_S + x_{ij}) - u_j(P_S)\bigr]
+
+  where ``n_j`` counts the examples with ``x_ij != 0`` (the others are null
+  players of coordinate ``j``) and ``P_S`` sums ``x_lj`` over ``k`` of the
+  other ``n_j - 1`` of them, drawn without replacement.  ``k = 0``
+  (``u(x_i) - u(0)``) and ``k = n_j - 1`` (``u(g) - u(g - x_i)``) are exact.
+  For the others ``P_S`` is taken as normal, mean ``q (g_j - x_ij)`` with
+  ``q = k / (n_j - 1)`` and variance ``k (n_j - 1 - k) / (n_j - 2)`` times
+  the others' variance (the normal approximation of pivot probabilities in
+  Owen's multilinear extension, Owen 1972; Leech 2003):
+
+  - ``k = 1, 2`` (one node of the sum), ``PREFIX_DIRECT_NODES``-point
+    Gauss-Hermite for each ``(i, j)``;
+  - ``k >= 3``, second order in ``x_ij`` about the mean ``m_k = q g_j``,
+    ``x_ij A_j + x_ij^2 C_j / 2`` with
+    ``A_j = sum_k h_k'(m_k)``, ``C_j = sum_k (1 - 2 q) h_k''(m_k)``,
+    ``h_k(m) = E_z u_j(m + s_k z)``, the derivatives by Stein's identity
+    (``h' = E[u z] / s``, ``h'' = E[u (z^2 - 1)] / s^2``,
+    ``PREFIX_SMOOTHING_NODES``-point Gauss-Hermite) and the sum over ``k`` by
+    ``PREFIX_SIZE_NODES``-point Gauss-Legendre, once per coordinate.
+
+  Follows Adam's sign-descent first step like :func:`coalition_values`
+  (measured against 1024-8192 of its permutations at ``B = 32-256``), at a
+  cost that does not grow with the permutations: ``2 + 2 *
+  PREFIX_DIRECT_NODES`` elementwise updates per example and coordinate, plus
+  ``PREFIX_SIZE_NODES * PREFIX_SMOOTHING_NODES`` per coordinate.  Only for
+  an update that is elementwise in the gradient: a coordinate-mixing one is
+  not a sum of such games.
+
+  Args:
+    update_fn: ``g -> u(g)`` with the optimizer state frozen, elementwise;
+      ``u_0 = u(0)``.
+    shares: tree like the gradient with leaves ``[B, ...]``, the ``x_i``.
+    val_grad: ``grad L(wbar)``.
+    batch_size: examples whose updates are formed at once.
+
+  Returns:
+    f32[B]; positive = the example lowered the validation loss.
+  """
+  f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+  shares, v, u_0 = f32(shares), f32(val_grad), f32(u_0)
+  update = lambda g: f32(update_fn(g))
+  tmap = jax.tree.map
+  n = tmap(lambda x: (x != 0).sum(0).astype(jnp.float32), shares)
+  g = tmap(lambda x: x.sum(0), shares)
+  sq = tmap(lambda x: (x * x).sum(0), shares)
+  u_g = update(g)
+  others = tmap(lambda c: c - 1, n)
+  # The population variance of the n_j non-zero shares.
+  var = tmap(lambda c, a, b: jnp.maximum(
+      b / jnp.maximum(c, 1) - (a / jnp.maximum(c, 1)) ** 2, 0), n, g, sq)
+  size_var = lambda k, o: k * (o - k) / jnp.maximum(o - 1, 1)
+
+  # k >= 3: A and C per coordinate, over k in [2.5, n - 1.5].
+  zs, wz = _hermite(PREFIX_SMOOTHING_NODES)
+  xs, wx = np.polynomial.legendre.leggauss(PREFIX_SIZE_NODES)
+  span = tmap(lambda o: jnp.maximum(o - 3, 0), others)
+  coef_a = tmap(jnp.zeros_like, g)
+  coef_c = tmap(jnp.zeros_like, g)
+  for node, weight in zip(xs, wx):
+    k = tmap(lambda l: 2.5 + l * (node + 1) / 2, span)
+    q = tmap(lambda k, o: k / jnp.maximum(o, 1), k, others)
+    s = tmap(lambda k, o, s2: jnp.sqrt(size_var(k, o) * s2), k, others, var)
+    points = jax.vmap(lambda z: tmap(lambda q, a, s: q * a + s * z, q, g, s))(
+        jnp.asarray(zs, jnp.float32))
+    vals = jax.vmap(update)(points)                          # [Z, ...]
+
+    def add(acc_a, acc_c, fz, q, s, l):
+      zb = jnp.asarray(zs, jnp.float32).reshape((-1,) + (1,) * (fz.ndim - 1))
+      wb = jnp.asarray(wz, jnp.float32).reshape(zb.shape)
+      ok = s > 0
+      safe = jnp.where(ok, s, 1)
+      h1 = jnp.where(ok, (wb * fz * zb).sum(0) / safe, 0)
+      h2 = jnp.where(ok, (wb * fz * (zb * zb - 1)).sum(0) / safe ** 2, 0)
+      wk = weight * l / 2
+      return acc_a + wk * h1, acc_c + wk * (1 - 2 * q) * h2
+
+    both = tmap(add, coef_a, coef_c, vals, q, s, span)
+    is_pair = lambda t: isinstance(t, tuple)
+    coef_a = tmap(lambda t: t[0], both, is_leaf=is_pair)
+    coef_c = tmap(lambda t: t[1], both, is_leaf=is_pair)
+
+  zd, wd = _hermite(PREFIX_DIRECT_NODES)
+
+  def one(x):
+    """``phi_i`` of one example (leaves like the parameters)."""
+    # k = 1, 2 at one node: k_d = 0.5 + L/2, weight L = min(n - 2, 2).
+    length = tmap(lambda o: jnp.clip(o - 1, 0, 2), others)
+    k_d = tmap(lambda l: 0.5 + l / 2, length)
+    mean = tmap(lambda k, o, a, xi: k / jnp.maximum(o, 1) * (a - xi),
+                k_d, others, g, x)
+    var_o = tmap(lambda o, a, b, xi: jnp.maximum(
+        (b - xi * xi) / jnp.maximum(o, 1) - ((a - xi) / jnp.maximum(o, 1)) ** 2,
+        0), others, g, sq, x)
+    s_d = tmap(lambda k, o, s2: jnp.sqrt(size_var(k, o) * s2), k_d, others,
+               var_o)
+    small = tmap(jnp.zeros_like, x)
+    for z, w in zip(zd, wd):
+      at = tmap(lambda mu, s: mu + s * z, mean, s_d)
+      with_i = update(tmap(jnp.add, at, x))
+      without = update(at)
+      small = tmap(lambda acc, a, b: acc + w * (a - b), small, with_i, without)
+    first = update(x)
+    last = update(tmap(jnp.subtract, g, x))
+    total = jnp.zeros([], jnp.float32)
+    for leaf in zip(*map(jax.tree.leaves, (x, n, u_0, u_g, first, last, small,
+                                           length, coef_a, coef_c, v))):
+      xi, c, f0, fg, f1, fl, sm, l, a, cc, vj = leaf
+      psi = ((f1 - f0) + jnp.where(c >= 2, fg - fl, 0) + l * sm
+             + xi * a + xi * xi * cc / 2) / jnp.maximum(c, 1)
+      total = total - jnp.vdot(vj, jnp.where(xi != 0, psi, 0))
+    return total
+
+  return jax.lax.map(one, shares, batch_size=batch_size)
+
+
 def ray_nonlinearity(update_fn: UpdateFn, g, u_g, u_0, weight) -> jax.Array:
   r"""How far the step is from quadratic along its ray, weighted by the target.
 

@@ -106,8 +106,11 @@ def with_shapley(
     metric: ``"auto"`` (default): ``"secant"``, except at the steps whose
       :func:`optax_shapley.metrics.ray_nonlinearity` is above
       ``exact_threshold`` (Adam's sign-descent first steps, a restart of its
-      moments), which are credited by ``"coalitions"``: exact Shapley values
-      of the real update (``state.exact_steps`` counts them).  Or
+      moments), which are credited by Shapley values of the real update
+      (``state.exact_steps`` counts them): exact enumeration of the
+      coalitions up to 12 examples, beyond that ``"prefix_normal"`` for an
+      optimizer that acts coordinate-wise, else ``"coalitions"`` by
+      permutations.  Or
       ``"secant"`` (the one-direction secant at every step),
       ``"linearized"``, ``"fixed_state"`` (the
       paper's method, Adam only), ``"sgd"`` (In-Run Data Shapley baseline)
@@ -115,7 +118,10 @@ def with_shapley(
       :func:`optax_shapley.metrics.removal_values`; with ``"end"``,
       leave-one-out) or ``"coalitions"`` (Shapley values of the real update
       re-run on coalitions, first order in the loss only,
-      :func:`optax_shapley.metrics.coalition_values`); these two form
+      :func:`optax_shapley.metrics.coalition_values`) or
+      ``"prefix_normal"`` (the same utility for an elementwise optimizer,
+      coordinate by coordinate, :func:`optax_shapley.metrics.prefix_normal_values`);
+      these three form
       per-example gradients, so they cost ``B`` times the parameters' memory
       and many optimizer updates.  A tuple tracks several estimators in one
       run.
@@ -177,7 +183,7 @@ def with_shapley(
       once by ``"coalitions"`` and the exact steps of ``"auto"``; ``None``:
       16.  Their memory is about ``3 * coalition_chunk`` parameter-sized
       trees on top of the ``B`` per-example gradients.
-    exact_threshold: ``"auto"`` credits a step by ``"coalitions"`` where
+    exact_threshold: ``"auto"`` credits a step by Shapley values of its update where
       the step's :func:`optax_shapley.metrics.ray_nonlinearity` is above
       this (0.1: the first 3-4 steps of Adam from initialisation on the
       bundled models); ``inf``: never, the secant at every step.

@@ -1107,3 +1107,41 @@ def test_two_adam_states_refuse_fixed_state_but_not_secant():
     run(oxs.with_shapley(_two_adams(), num_examples=N, metric="fixed_state",
                          learning_rate=LR, b1=0.9, b2=0.999, eps=1e-8), 1)
   run(oxs.with_shapley(_two_adams(), num_examples=N), 1)    # works
+
+
+def _first_step_values(tx, ids):
+  x, y = X_ALL[ids], Y_ALL[ids]
+  _, g, f = oxs.value_grad_and_factors(per_example_loss)(PARAMS, x, y)
+  s0 = tx.init(PARAMS)
+  _, s = jax.jit(lambda g, s, f: tx.update(g, s, PARAMS, factors=f,
+                                           example_ids=jnp.asarray(ids),
+                                           val_loss=val_loss))(g, s0, f)
+  oxs.check(s)
+  return np.asarray(oxs.step_values(s), np.float64), s
+
+
+def test_prefix_normal_follows_sign_descent_at_16_players():
+  """Adam's first step (sign descent) at B = 16, against exact Shapley of
+  the real update (all 2^16 coalitions, float64); ``auto`` credits that
+  step by the same per-coordinate games."""
+  ids = np.arange(16)
+  tx = oxs.adam(LR, num_examples=N, batch_size=16,
+                metric=("prefix_normal", "auto", "secant"))
+  got, s = _first_step_values(tx, ids)
+  ref = coalitions_reference(optax.adam(LR), optax.adam(LR).init(PARAMS),
+                             PARAMS, per_example_loss, X_ALL[ids], Y_ALL[ids],
+                             val_loss)
+  r = np.corrcoef(got[:, 0], ref)[0, 1]
+  slope = np.dot(got[:, 0], ref) / np.dot(ref, ref)
+  assert r >= 0.99 and abs(slope - 1) <= 0.05, (r, slope)
+  assert np.corrcoef(got[:, 2], ref)[0, 1] < r      # the secant misreads it
+  assert int(s.exact_steps) == 1
+  np.testing.assert_allclose(got[:, 1], got[:, 0], rtol=0,
+                             atol=1e-6 * np.abs(got[:, 0]).max())
+
+
+def test_prefix_normal_needs_an_elementwise_optimizer():
+  tx = oxs.with_shapley(_chain(), num_examples=N, metric="prefix_normal",
+                        batch_size=16)
+  with pytest.raises(ValueError, match="acts coordinate-wise"):
+    _first_step_values(tx, np.arange(16))
