@@ -107,10 +107,7 @@ def with_shapley(
       :func:`optax_shapley.metrics.ray_nonlinearity` is above
       ``exact_threshold`` (Adam's sign-descent first steps, a restart of its
       moments), which are credited by Shapley values of the real update
-      (``state.exact_steps`` counts them): exact enumeration of the
-      coalitions up to 12 examples, beyond that ``"prefix_normal"`` for an
-      optimizer that acts coordinate-wise, else ``"coalitions"`` by
-      permutations.  Or
+      (``state.exact_steps`` counts them), ``"coalitions"``.  Or
       ``"secant"`` (the one-direction secant at every step),
       ``"linearized"``, ``"fixed_state"`` (the
       paper's method, Adam only), ``"sgd"`` (In-Run Data Shapley baseline)
