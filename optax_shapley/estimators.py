@@ -1,6 +1,6 @@
 r"""Estimators: a metric ``D_t`` and an evaluation point ``wbar_t``, as objects.
 
-Every estimator credits example ``i`` at step ``t`` with (or, for the two
+Every estimator credits example ``i`` at step ``t`` with (or, for the
 metrics that form per-example gradients, instead of)
 
 .. math::

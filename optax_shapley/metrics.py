@@ -13,9 +13,10 @@ gradient, ``L`` the validation objective and ``D_t`` the *metric*: how the
 optimizer step ``u_t(g) = tx.update(g, s_{t-1}, w_t)[0]`` changes when the
 gradient changes.  The functions below give ``d_t`` (a tree like the
 parameters) from ``v = grad L(wbar_t)``, or the elementwise scale ``S`` with
-``d_t = S * v`` where the metric is diagonal; the two metrics that are not
-linear in ``x_i`` (:func:`removal_values`, :func:`coalition_values`) give
-the values themselves.  Which of these an estimator uses is said by its
+``d_t = S * v`` where the metric is diagonal; the metrics that are not
+linear in ``x_i`` (:func:`removal_values`, :func:`coalition_values`,
+:func:`prefix_normal_values`) give the values themselves.  Which of these
+an estimator uses is said by its
 :class:`optax_shapley.estimators.Metric`; Adam's closed forms are in
 :mod:`optax_shapley.adam_state`.
 
@@ -291,54 +292,52 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
   sq = tmap(lambda x: (x * x).sum(0), shares)
   u_g = update(g)
   others = tmap(lambda c: c - 1, n)
-  # The population variance of the n_j non-zero shares.
-  var = tmap(lambda c, a, b: jnp.maximum(
-      b / jnp.maximum(c, 1) - (a / jnp.maximum(c, 1)) ** 2, 0), n, g, sq)
-  size_var = lambda k, o: k * (o - k) / jnp.maximum(o - 1, 1)
+
+  def variance(count, total, squares):
+    """Population variance of ``count`` numbers from their sums."""
+    c = jnp.maximum(count, 1)
+    return jnp.maximum(squares / c - (total / c) ** 2, 0)
+
+  def prefix_std(k, o, var):
+    """Std of the sum of ``k`` of ``o`` numbers of variance ``var``, drawn
+    without replacement (0 where ``k`` is not below ``o``)."""
+    return jnp.sqrt(jnp.maximum(k * (o - k), 0) / jnp.maximum(o - 1, 1) * var)
 
   # k >= 3: A and C per coordinate, over k in [2.5, n - 1.5].
   zs, wz = _hermite(PREFIX_SMOOTHING_NODES)
   xs, wx = np.polynomial.legendre.leggauss(PREFIX_SIZE_NODES)
+  var = tmap(variance, n, g, sq)
   span = tmap(lambda o: jnp.maximum(o - 3, 0), others)
   coef_a = tmap(jnp.zeros_like, g)
   coef_c = tmap(jnp.zeros_like, g)
   for node, weight in zip(xs, wx):
     k = tmap(lambda l: 2.5 + l * (node + 1) / 2, span)
     q = tmap(lambda k, o: k / jnp.maximum(o, 1), k, others)
-    s = tmap(lambda k, o, s2: jnp.sqrt(size_var(k, o) * s2), k, others, var)
-    points = jax.vmap(lambda z: tmap(lambda q, a, s: q * a + s * z, q, g, s))(
-        jnp.asarray(zs, jnp.float32))
-    vals = jax.vmap(update)(points)                          # [Z, ...]
+    s = tmap(prefix_std, k, others, var)
+    safe = tmap(lambda s: jnp.where(s > 0, s, jnp.inf), s)
+    vals = jax.vmap(lambda z: update(tmap(lambda q, a, s: q * a + s * z,
+                                          q, g, s)))(jnp.asarray(zs))
+    # Stein's identity with Gauss-Hermite weights: h' and h'' (0 at s = 0).
+    moment = lambda fz, he: jnp.tensordot(jnp.asarray(wz * he, jnp.float32),
+                                          fz, axes=1)
+    coef_a = tmap(lambda acc, fz, sf, l: acc + weight * l / 2 *
+                  moment(fz, zs) / sf, coef_a, vals, safe, span)
+    coef_c = tmap(lambda acc, fz, sf, q, l: acc + weight * l / 2 * (1 - 2 * q)
+                  * moment(fz, zs * zs - 1) / sf ** 2,
+                  coef_c, vals, safe, q, span)
 
-    def add(acc_a, acc_c, fz, q, s, l):
-      zb = jnp.asarray(zs, jnp.float32).reshape((-1,) + (1,) * (fz.ndim - 1))
-      wb = jnp.asarray(wz, jnp.float32).reshape(zb.shape)
-      ok = s > 0
-      safe = jnp.where(ok, s, 1)
-      h1 = jnp.where(ok, (wb * fz * zb).sum(0) / safe, 0)
-      h2 = jnp.where(ok, (wb * fz * (zb * zb - 1)).sum(0) / safe ** 2, 0)
-      wk = weight * l / 2
-      return acc_a + wk * h1, acc_c + wk * (1 - 2 * q) * h2
-
-    both = tmap(add, coef_a, coef_c, vals, q, s, span)
-    is_pair = lambda t: isinstance(t, tuple)
-    coef_a = tmap(lambda t: t[0], both, is_leaf=is_pair)
-    coef_c = tmap(lambda t: t[1], both, is_leaf=is_pair)
-
+  # k = 1, 2 at one node: k_d = 0.5 + L/2, weight L = min(n - 2, 2).
+  length = tmap(lambda o: jnp.clip(o - 1, 0, 2), others)
+  k_d = tmap(lambda l: 0.5 + l / 2, length)
+  q_d = tmap(lambda k, o: k / jnp.maximum(o, 1), k_d, others)
   zd, wd = _hermite(PREFIX_DIRECT_NODES)
 
   def one(x):
     """``phi_i`` of one example (leaves like the parameters)."""
-    # k = 1, 2 at one node: k_d = 0.5 + L/2, weight L = min(n - 2, 2).
-    length = tmap(lambda o: jnp.clip(o - 1, 0, 2), others)
-    k_d = tmap(lambda l: 0.5 + l / 2, length)
-    mean = tmap(lambda k, o, a, xi: k / jnp.maximum(o, 1) * (a - xi),
-                k_d, others, g, x)
-    var_o = tmap(lambda o, a, b, xi: jnp.maximum(
-        (b - xi * xi) / jnp.maximum(o, 1) - ((a - xi) / jnp.maximum(o, 1)) ** 2,
-        0), others, g, sq, x)
-    s_d = tmap(lambda k, o, s2: jnp.sqrt(size_var(k, o) * s2), k_d, others,
-               var_o)
+    # The prefix of the others: their mean and variance without x_i.
+    mean = tmap(lambda q, a, xi: q * (a - xi), q_d, g, x)
+    s_d = tmap(lambda k, o, a, b, xi: prefix_std(
+        k, o, variance(o, a - xi, b - xi * xi)), k_d, others, g, sq, x)
     small = tmap(jnp.zeros_like, x)
     for z, w in zip(zd, wd):
       at = tmap(lambda mu, s: mu + s * z, mean, s_d)

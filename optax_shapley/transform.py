@@ -106,8 +106,8 @@ def with_shapley(
     metric: ``"auto"`` (default): ``"secant"``, except at the steps whose
       :func:`optax_shapley.metrics.ray_nonlinearity` is above
       ``exact_threshold`` (Adam's sign-descent first steps, a restart of its
-      moments), which are credited by Shapley values of the real update
-      (``state.exact_steps`` counts them), ``"coalitions"``.  Or
+      moments), which are credited by ``"coalitions"``: Shapley values of
+      the real update (``state.exact_steps`` counts them).  Or
       ``"secant"`` (the one-direction secant at every step),
       ``"linearized"``, ``"fixed_state"`` (the
       paper's method, Adam only), ``"sgd"`` (In-Run Data Shapley baseline)
@@ -177,10 +177,11 @@ def with_shapley(
     coalition_permutations: permutations per step of the ``"coalitions"``
       metric when ``B > 12`` (exact enumeration below); ``None``: 64.
     coalition_chunk: coalitions (``B <= 12``) or permutations re-run at
-      once by ``"coalitions"`` and the exact steps of ``"auto"``; ``None``:
+      once by ``"coalitions"`` and the exact steps of ``"auto"`` (examples
+      at once by ``"prefix_normal"``); ``None``:
       16.  Their memory is about ``3 * coalition_chunk`` parameter-sized
       trees on top of the ``B`` per-example gradients.
-    exact_threshold: ``"auto"`` credits a step by Shapley values of its update where
+    exact_threshold: ``"auto"`` credits a step by ``"coalitions"`` where
       the step's :func:`optax_shapley.metrics.ray_nonlinearity` is above
       this (0.1: the first 3-4 steps of Adam from initialisation on the
       bundled models); ``inf``: never, the secant at every step.
