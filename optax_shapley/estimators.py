@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_shapley import adam_state, metrics
+from optax_shapley import adam_state, metrics, shapley
 
 
 class Settings(NamedTuple):
@@ -190,6 +190,16 @@ def _prefix_normal_values(settings: Settings, step: Step, shares, v):
       step.update_of, step.u_0, s, v, batch_size=settings.coalition_chunk))
 
 
+def _exact_values(settings: Settings, step: Step, shares, v):
+  """Exact enumeration up to ``EXACT_MAX_PLAYERS`` examples, else the
+  per-coordinate games of an elementwise optimizer, else permutations."""
+  players = jax.tree.leaves(shares)[0].shape[0] * (
+      1 if step.axis_name is None else jax.lax.psum(1, step.axis_name))
+  if settings.elementwise and players > shapley.EXACT_MAX_PLAYERS:
+    return _prefix_normal_values(settings, step, shares, v)
+  return _coalition_values(settings, step, shares, v)
+
+
 #: The SGD metric ``D = -eta I`` (first-order In-Run Data Shapley, TracIn).
 SGD = Metric(
     name="sgd", requires=("learning_rate",), is_elementwise=_always,
@@ -237,6 +247,13 @@ COALITIONS = Metric(name="coalitions", needs_zero_update=_always,
 PREFIX_NORMAL = Metric(name="prefix_normal", needs_zero_update=_always,
                        values=_prefix_normal_values)
 
+#: What ``"auto"`` credits its nonlinear steps by: :data:`COALITIONS`
+#: enumerated exactly up to ``EXACT_MAX_PLAYERS`` examples, beyond that
+#: :data:`PREFIX_NORMAL` for an elementwise optimizer, else
+#: :data:`COALITIONS` by permutations.
+SHAPLEY_OF_UPDATE = Metric(name="shapley_of_update", needs_zero_update=_always,
+                           values=_exact_values)
+
 
 def _nonlinear_step(settings: Settings, step: Step, weight) -> jax.Array:
   nu = metrics.ray_nonlinearity(step.update_of, step.late_grads, step.u_g,
@@ -252,7 +269,7 @@ def _nonlinear_step(settings: Settings, step: Step, weight) -> jax.Array:
 #: per step by :func:`~optax_shapley.metrics.ray_nonlinearity` (Adam's
 #: sign-descent first steps, and again after a restart of its moments).
 AUTO = dataclasses.replace(
-    SECANT, name="auto", needs_zero_update=_always, exact=COALITIONS,
+    SECANT, name="auto", needs_zero_update=_always, exact=SHAPLEY_OF_UPDATE,
     exact_when=_nonlinear_step)
 
 #: Every metric, by name.

@@ -106,8 +106,11 @@ def with_shapley(
     metric: ``"auto"`` (default): ``"secant"``, except at the steps whose
       :func:`optax_shapley.metrics.ray_nonlinearity` is above
       ``exact_threshold`` (Adam's sign-descent first steps, a restart of its
-      moments), which are credited by ``"coalitions"``: Shapley values of
-      the real update (``state.exact_steps`` counts them).  Or
+      moments), which are credited by Shapley values of the real update
+      (``state.exact_steps`` counts them): exact enumeration of the
+      coalitions up to 12 examples, beyond that ``"prefix_normal"`` for an
+      optimizer that acts coordinate-wise, else ``"coalitions"`` by
+      permutations.  Or
       ``"secant"`` (the one-direction secant at every step),
       ``"linearized"``, ``"fixed_state"`` (the
       paper's method, Adam only), ``"sgd"`` (In-Run Data Shapley baseline)

