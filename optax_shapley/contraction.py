@@ -112,13 +112,18 @@ def per_example_grads(factors: Factors, like: Any,
                       skip_leaves: tuple[int, ...] = ()) -> Any:
   """The per-example gradient shares ``x_i = c * grad l_i(w)``, formed.
 
-  ``x_i . d`` (:func:`contract`) is linear in ``d``, so its reverse-mode
-  Jacobian with respect to ``d`` *is* the stack of per-example gradients: one
-  transposed contraction per example, through the same layer rules and the
-  same forward-mode fallback.  Costs about ``B`` backward passes of the
-  weight gradients and ``B`` times the parameters' memory; used by estimators
-  that are not linear in ``x_i`` (``"removal"``, ``"coalitions"``), not by the
-  ghost path.
+  Call by call, each example's gradient of the call's exact rule
+  (:func:`optax_shapley.layers.contract`) with respect to the direction,
+  on that example's inputs and output cotangent alone (``jax.vmap`` over
+  the examples of ``jax.grad``): ``B`` weight gradients of one example each,
+  the cost of one batch weight gradient.  ``nn.Conv`` calls the tap rule
+  covers use :func:`optax_shapley.layers.conv_per_example_grads`; calls
+  planned per-example already hold their shares.  Leaves on the
+  forward-mode fallback come from the reverse-mode Jacobian of their exact
+  ``jax.jvp`` contraction, one transposed pass per example.  Costs ``B``
+  times the parameters' memory; used by estimators that are not linear in
+  ``x_i`` (``"removal"``, ``"coalitions"``, the exact steps of ``"auto"``),
+  not by the ghost path.
 
   Args:
     factors: from :func:`optax_shapley.value_grad_and_factors`.
@@ -132,16 +137,57 @@ def per_example_grads(factors: Factors, like: Any,
   # Under shard_map the direction must vary like the factors: the transpose
   # of a device-invariant input is a psum, which would add the devices' x_i.
   axes = vma.axes_of((factors.calls, factors.fallback))
-  zeros = jax.tree.map(
-      lambda x: vma.mark_varying(jnp.zeros(jnp.shape(x), jnp.float32), axes),
-      like)
-  expand = lambda d: jax.tree.map(lambda x: x[None], d)
-  # On an explicit-sharding mesh the B values are split over the batch;
-  # replicated, the basis rows below are their cotangents.
-  _, vjp = jax.vjp(lambda d: table.replicated(
-      contract(factors, expand(d), skip_leaves)[:, 0]), zeros)
-  basis = vma.mark_varying(jnp.eye(factors.batch_size, dtype=jnp.float32), axes)
-  return jax.vmap(lambda e: vjp(e)[0])(basis)
+  like_leaves = factors.params_treedef.flatten_up_to(like)
+  b = factors.batch_size
+  out = [vma.mark_varying(jnp.zeros((b,) + jnp.shape(x), jnp.float32), axes)
+         for x in like_leaves]
+  skip = frozenset(skip_leaves)
+  for plan, (arrays, cotangent) in zip(factors.plans, factors.calls):
+    if skip and plan.owns_only(skip):
+      continue
+    for path, x in _call_shares(plan, arrays, cotangent, like_leaves, axes):
+      i = dict(plan.param_map)[path]
+      if i not in skip:
+        out[i] = out[i] + x.astype(jnp.float32)
+  fb = tuple(i for i in factors.fallback_leaves if i not in skip)
+  if fb:
+    zeros = [vma.mark_varying(jnp.zeros(jnp.shape(like_leaves[i]), jnp.float32),
+                              axes) for i in fb]
+
+    def rows(d_fb):
+      d_leaves = list(like_leaves)
+      for i, d in zip(fb, d_fb):
+        d_leaves[i] = d[None]
+      # On an explicit-sharding mesh the B values are split over the batch;
+      # replicated, the basis rows below are their cotangents.
+      return table.replicated(_fallback_contract(factors, d_leaves, fb)[:, 0])
+
+    _, vjp = jax.vjp(rows, zeros)
+    basis = vma.mark_varying(jnp.eye(b, dtype=jnp.float32), axes)
+    for i, x in zip(fb, jax.vmap(lambda e: vjp(e)[0])(basis)):
+      out[i] = out[i] + x
+  return jax.tree.unflatten(factors.params_treedef, out)
+
+
+def _call_shares(plan, arrays, cotangent, like_leaves, axes):
+  """``((path, f32[B, *leaf]), ...)``: one call's per-example shares."""
+  if plan.per_example:       # cotangent: the per-example gradients
+    return tuple(param_paths(cotangent))
+  if layers.has_tap_rule(plan.module, plan.method,
+                         tuple(jnp.shape(a) for a in arrays)):
+    (x,) = arrays
+    return tuple(layers.conv_per_example_grads(plan.module, x,
+                                               cotangent).items())
+  zero = plan.module_params({i: vma.mark_varying(
+      jnp.zeros(jnp.shape(like_leaves[i]), jnp.float32), axes)
+      for _, i in plan.param_map})
+
+  def one(arrays_i, cot_i):
+    args_i, kwargs_i = plan.call_args(tuple(a[None] for a in arrays_i))
+    return jax.grad(lambda d: layers.contract(
+        plan.module, plan.method, d, args_i, kwargs_i, cot_i[None])[0])(zero)
+
+  return tuple(param_paths(jax.vmap(one)(tuple(arrays), cotangent)))
 
 
 def ghost_plans(factors, val_calls, frozen, contraction, rank) -> dict:

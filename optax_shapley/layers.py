@@ -165,9 +165,7 @@ def prefers_per_example(module: nn.Module, method_name: str,
   (Bu et al. 2022, "Scalable and efficient training of large convolutional
   neural networks with differential privacy").
 
-  Only ``nn.Conv`` calls without feature groups, a kernel mask, input
-  dilation or a custom ``conv_general_dilated`` / ``promote_dtype``, padded
-  ``"SAME"``, ``"VALID"`` or explicitly, qualify: their per-example kernel
+  Only calls :func:`has_tap_rule` accepts qualify: their per-example kernel
   gradients come from strided slices of the input
   (:func:`conv_per_example_grads`), whereas the generic per-example vjp
   becomes a batch-grouped convolution that XLA transposes through
@@ -178,8 +176,22 @@ def prefers_per_example(module: nn.Module, method_name: str,
     in_shapes: shapes of its array inputs; out_shape: of its output.
     batch: ``B``; param_size: number of entries of its parameters.
   """
+  if not has_tap_rule(module, method_name, in_shapes):
+    return False
+  factors = sum(int(np.prod(s)) for s in in_shapes) + int(np.prod(out_shape))
+  return batch * param_size < factors
+
+
+def has_tap_rule(module: nn.Module, method_name: str,
+                 in_shapes: tuple) -> bool:
+  """Whether :func:`conv_per_example_grads` gives the call's per-example
+  gradients: an ``nn.Conv.__call__`` on one array input, without feature
+  groups, a kernel mask, input dilation or a custom
+  ``conv_general_dilated`` / ``promote_dtype``, padded ``"SAME"``,
+  ``"VALID"`` or explicitly (:func:`conv_geometry`)."""
   m = module
-  if (type(m) is not nn.Conv or method_name != "__call__"
+  return not (
+      type(m) is not nn.Conv or method_name != "__call__"
       or m.feature_group_count != 1 or m.mask is not None
       # A user-supplied convolution or dtype promotion computes something
       # the tap rule does not know.
@@ -188,10 +200,7 @@ def prefers_per_example(module: nn.Module, method_name: str,
       or getattr(m, "promote_dtype", nn.dtypes.promote_dtype)
       is not nn.dtypes.promote_dtype
       or len(in_shapes) != 1
-      or conv_geometry(m, in_shapes[0]) is None):
-    return False
-  factors = sum(int(np.prod(s)) for s in in_shapes) + int(np.prod(out_shape))
-  return batch * param_size < factors
+      or conv_geometry(m, in_shapes[0]) is None)
 
 
 def has_ghost_rule(module: nn.Module, method_name: str) -> bool:
