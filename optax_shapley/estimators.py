@@ -187,7 +187,8 @@ def _prefix_normal_values(settings: Settings, step: Step, shares, v):
         "(its update of each parameter entry reads only that entry's "
         "gradient); this one mixes coordinates. Use metric='coalitions'.")
   return _global_values(step, shares, lambda s: metrics.prefix_normal_values(
-      step.update_of, step.u_0, s, v, batch_size=settings.coalition_chunk))
+      step.update_of, step.u_0, s, v, batch_size=settings.coalition_chunk,
+      u_g=step.u_g))
 
 
 def _exact_values(settings: Settings, step: Step, shares, v):

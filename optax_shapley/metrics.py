@@ -231,7 +231,7 @@ def _hermite(n: int):
 
 
 def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
-                         batch_size: int = 16) -> jax.Array:
+                         batch_size: int = 16, u_g=None) -> jax.Array:
   r"""Shapley values of an elementwise optimizer's real update, first order
   in ``L``, each coordinate's game solved with normal-approximated prefixes.
 
@@ -279,6 +279,7 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
     shares: tree like the gradient with leaves ``[B, ...]``, the ``x_i``.
     val_grad: ``grad L(wbar)``.
     batch_size: examples whose updates are formed at once.
+    u_g: ``u(g)`` at the batch gradient ``g = sum_i x_i`` where known.
 
   Returns:
     f32[B]; positive = the example lowered the validation loss.
@@ -290,8 +291,9 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
   n = tmap(lambda x: (x != 0).sum(0).astype(jnp.float32), shares)
   g = tmap(lambda x: x.sum(0), shares)
   sq = tmap(lambda x: (x * x).sum(0), shares)
-  u_g = update(g)
+  u_g = update(g) if u_g is None else f32(u_g)
   others = tmap(lambda c: c - 1, n)
+
 
   def variance(count, total, squares):
     """Population variance of ``count`` numbers from their sums."""
@@ -308,23 +310,39 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
   xs, wx = np.polynomial.legendre.leggauss(PREFIX_SIZE_NODES)
   var = tmap(variance, n, g, sq)
   span = tmap(lambda o: jnp.maximum(o - 3, 0), others)
-  coef_a = tmap(jnp.zeros_like, g)
-  coef_c = tmap(jnp.zeros_like, g)
-  for node, weight in zip(xs, wx):
+  # Stein's identity with Gauss-Hermite weights: h' and h'' (0 at s = 0).
+  he1 = jnp.asarray(wz * zs, jnp.float32)
+  he2 = jnp.asarray(wz * (zs * zs - 1), jnp.float32)
+
+  def size_node(coefs, node_weight):
+    """Adds one Gauss-Legendre node of the sum over ``k`` to ``A`` and
+    ``C`` (a ``lax.scan`` body: one copy of the update in the program)."""
+    node, weight = node_weight
     k = tmap(lambda l: 2.5 + l * (node + 1) / 2, span)
     q = tmap(lambda k, o: k / jnp.maximum(o, 1), k, others)
     s = tmap(prefix_std, k, others, var)
     safe = tmap(lambda s: jnp.where(s > 0, s, jnp.inf), s)
-    vals = jax.vmap(lambda z: update(tmap(lambda q, a, s: q * a + s * z,
-                                          q, g, s)))(jnp.asarray(zs))
-    # Stein's identity with Gauss-Hermite weights: h' and h'' (0 at s = 0).
-    moment = lambda fz, he: jnp.tensordot(jnp.asarray(wz * he, jnp.float32),
-                                          fz, axes=1)
-    coef_a = tmap(lambda acc, fz, sf, l: acc + weight * l / 2 *
-                  moment(fz, zs) / sf, coef_a, vals, safe, span)
-    coef_c = tmap(lambda acc, fz, sf, q, l: acc + weight * l / 2 * (1 - 2 * q)
-                  * moment(fz, zs * zs - 1) / sf ** 2,
-                  coef_c, vals, safe, q, span)
+
+    def smoothing_node(moments, z_w):
+      z, w1, w2 = z_w
+      fz = update(tmap(lambda q, a, s: q * a + s * z, q, g, s))
+      m1, m2 = moments
+      return (tmap(lambda m, f: m + w1 * f, m1, fz),
+              tmap(lambda m, f: m + w2 * f, m2, fz)), None
+
+    zero = tmap(jnp.zeros_like, g)
+    (m1, m2), _ = jax.lax.scan(smoothing_node, (zero, zero),
+                               (jnp.asarray(zs, jnp.float32), he1, he2))
+    coef_a, coef_c = coefs
+    coef_a = tmap(lambda acc, m, sf, l: acc + weight * l / 2 * m / sf,
+                  coef_a, m1, safe, span)
+    coef_c = tmap(lambda acc, m, sf, q, l: acc + weight * l / 2 * (1 - 2 * q)
+                  * m / sf ** 2, coef_c, m2, safe, q, span)
+    return (coef_a, coef_c), None
+
+  (coef_a, coef_c), _ = jax.lax.scan(
+      size_node, (tmap(jnp.zeros_like, g), tmap(jnp.zeros_like, g)),
+      (jnp.asarray(xs, jnp.float32), jnp.asarray(wx, jnp.float32)))
 
   # k = 1, 2 at one node: k_d = 0.5 + L/2, weight L = min(n - 2, 2).
   length = tmap(lambda o: jnp.clip(o - 1, 0, 2), others)
@@ -338,8 +356,9 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
     mean = tmap(lambda q, a, xi: q * (a - xi), q_d, g, x)
     s_d = tmap(lambda k, o, a, b, xi: prefix_std(
         k, o, variance(o, a - xi, b - xi * xi)), k_d, others, g, sq, x)
+
     small = tmap(jnp.zeros_like, x)
-    for z, w in zip(zd, wd):
+    for z, w in zip(zd, wd):       # unrolled: fused per example
       at = tmap(lambda mu, s: mu + s * z, mean, s_d)
       with_i = update(tmap(jnp.add, at, x))
       without = update(at)
