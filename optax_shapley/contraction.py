@@ -187,7 +187,10 @@ def _call_shares(plan, arrays, cotangent, like_leaves, axes):
     return jax.grad(lambda d: layers.contract(
         plan.module, plan.method, d, args_i, kwargs_i, cot_i[None])[0])(zero)
 
-  return tuple(param_paths(jax.vmap(one)(tuple(arrays), cotangent)))
+  # On an explicit-sharding mesh the inputs and the cotangent may be split
+  # differently over the batch, which vmap refuses: gathered (exact path).
+  arrays, cotangent = jax.tree.map(table.replicated, (tuple(arrays), cotangent))
+  return tuple(param_paths(jax.vmap(one)(arrays, cotangent)))
 
 
 def ghost_plans(factors, val_calls, frozen, contraction, rank) -> dict:
