@@ -120,8 +120,9 @@ def per_example_grads(factors: Factors, like: Any,
   covers use :func:`optax_shapley.layers.conv_per_example_grads`; calls
   planned per-example already hold their shares.  Leaves on the
   forward-mode fallback come from the reverse-mode Jacobian of their exact
-  ``jax.jvp`` contraction, one transposed pass per example.  Costs ``B``
-  times the parameters' memory; used by estimators that are not linear in
+  ``jax.jvp`` contraction, one transposed pass of the whole batch per
+  example (``B`` times the fallback's work).  Costs ``B`` times the
+  parameters' memory; used by estimators that are not linear in
   ``x_i`` (``"removal"``, ``"coalitions"``, the exact steps of ``"auto"``),
   not by the ghost path.
 
@@ -145,8 +146,9 @@ def per_example_grads(factors: Factors, like: Any,
   for plan, (arrays, cotangent) in zip(factors.plans, factors.calls):
     if skip and plan.owns_only(skip):
       continue
+    owner = dict(plan.param_map)
     for path, x in _call_shares(plan, arrays, cotangent, like_leaves, axes):
-      i = dict(plan.param_map)[path]
+      i = owner[path]
       if i not in skip:
         out[i] = out[i] + x.astype(jnp.float32)
   fb = tuple(i for i in factors.fallback_leaves if i not in skip)

@@ -294,7 +294,6 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
   u_g = update(g) if u_g is None else f32(u_g)
   others = tmap(lambda c: c - 1, n)
 
-
   def variance(count, total, squares):
     """Population variance of ``count`` numbers from their sums."""
     c = jnp.maximum(count, 1)

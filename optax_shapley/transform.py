@@ -184,7 +184,7 @@ def with_shapley(
       at once by ``"prefix_normal"``); ``None``:
       16.  Their memory is about ``3 * coalition_chunk`` parameter-sized
       trees on top of the ``B`` per-example gradients.
-    exact_threshold: ``"auto"`` credits a step by ``"coalitions"`` where
+    exact_threshold: ``"auto"`` credits a step by Shapley values of its update where
       the step's :func:`optax_shapley.metrics.ray_nonlinearity` is above
       this (0.1: the first 3-4 steps of Adam from initialisation on the
       bundled models); ``inf``: never, the secant at every step.
