@@ -109,7 +109,8 @@ def _fallback_contract(factors: Factors, d_leaves, fb) -> jax.Array:
 
 
 def per_example_grads(factors: Factors, like: Any,
-                      skip_leaves: tuple[int, ...] = ()) -> Any:
+                      skip_leaves: tuple[int, ...] = (),
+                      rows: tuple[Any, int] | None = None) -> Any:
   """The per-example gradient shares ``x_i = c * grad l_i(w)``, formed.
 
   Call by call, each example's gradient of the call's exact rule
@@ -130,16 +131,22 @@ def per_example_grads(factors: Factors, like: Any,
     factors: from :func:`optax_shapley.value_grad_and_factors`.
     like: a tree like ``params`` (e.g. the batch gradient), for shapes.
     skip_leaves: as in :func:`contract`; those leaves come out as zeros.
+    rows: ``(start, size)``: only examples ``start .. start + size - 1``
+      (``start`` may be traced, ``size`` is static), at ``size / B`` of the
+      cost and memory; ``None``: all ``B``.
 
   Returns:
-    A tree like ``params`` whose leaves are ``f32[B, *leaf.shape]``; zeros for
-    leaves that no call or fallback owns (non-float or unused) or skipped.
+    A tree like ``params`` whose leaves are ``f32[B, *leaf.shape]``
+    (``[size, ...]`` with ``rows``); zeros for leaves that no call or
+    fallback owns (non-float or unused) or skipped.
   """
   # Under shard_map the direction must vary like the factors: the transpose
   # of a device-invariant input is a psum, which would add the devices' x_i.
   axes = vma.axes_of((factors.calls, factors.fallback))
   like_leaves = factors.params_treedef.flatten_up_to(like)
-  b = factors.batch_size
+  start, b = (0, factors.batch_size) if rows is None else rows
+  take = (lambda t: t) if rows is None else (lambda t: jax.tree.map(
+      lambda a: jax.lax.dynamic_slice_in_dim(a, start, b), t))
   out = [vma.mark_varying(jnp.zeros((b,) + jnp.shape(x), jnp.float32), axes)
          for x in like_leaves]
   skip = frozenset(skip_leaves)
@@ -147,7 +154,8 @@ def per_example_grads(factors: Factors, like: Any,
     if skip and plan.owns_only(skip):
       continue
     owner = dict(plan.param_map)
-    for path, x in _call_shares(plan, arrays, cotangent, like_leaves, axes):
+    for path, x in _call_shares(plan, take(tuple(arrays)), take(cotangent),
+                                like_leaves, axes):
       i = owner[path]
       if i not in skip:
         out[i] = out[i] + x.astype(jnp.float32)
@@ -165,7 +173,8 @@ def per_example_grads(factors: Factors, like: Any,
       return table.replicated(_fallback_contract(factors, d_leaves, fb)[:, 0])
 
     _, vjp = jax.vjp(rows, zeros)
-    basis = vma.mark_varying(jnp.eye(b, dtype=jnp.float32), axes)
+    basis = vma.mark_varying(take(jnp.eye(factors.batch_size,
+                                          dtype=jnp.float32)), axes)
     for i, x in zip(fb, jax.vmap(lambda e: vjp(e)[0])(basis)):
       out[i] = out[i] + x
   return jax.tree.unflatten(factors.params_treedef, out)

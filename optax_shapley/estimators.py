@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_shapley import adam_state, metrics, shapley
@@ -117,9 +118,10 @@ class Metric:
     scale: ``(settings, step) -> S``, a tree like the parameters.
     direction: ``(settings, step, v) -> d`` where it is not elementwise.
     values: ``(settings, step, shares, v) -> f32[B]`` for a metric that is
-      not linear in ``x_i`` (it forms the per-example gradient shares
-      ``x_i``, leaves ``[B, ...]``: ``B`` times the parameters' memory);
-      ``None`` for the one-direction metrics.
+      not linear in ``x_i``: it forms the per-example gradient shares from
+      ``shares`` (a :class:`~optax_shapley.metrics.Shares`), all at once
+      (``B`` times the parameters' memory) or a few at a time; ``None`` for
+      the one-direction metrics.
     exact: for a one-direction metric, the per-example-gradient metric that
       replaces it at the steps where ``exact_when`` holds; ``None``: never.
     exact_when: ``(settings, step, w) -> bool[]`` with ``w = |grad L|``
@@ -174,10 +176,34 @@ def _global_values(step: Step, shares, run):
 
 def _coalition_values(settings: Settings, step: Step, shares, v):
   key = jax.random.fold_in(jax.random.key(0), step.count)
-  return _global_values(step, shares, lambda s: metrics.coalition_values(
+  return _global_values(step, shares.all(), lambda s: metrics.coalition_values(
       step.update_of, step.u_0, s, v, key,
       num_permutations=settings.coalition_permutations,
       batch_size=settings.coalition_chunk))
+
+
+#: Bytes of per-example gradient shares (and their updates)
+#: ``"prefix_normal"`` forms at once.  Small enough that the step's working
+#: memory is not dominated by them on small models (a large working memory
+#: is mapped afresh at every call of the compiled step: on CPU each page the
+#: step then touches costs a page fault, ~1 ms a step on the bench MLP).
+PREFIX_CHUNK_BYTES = 4 * 2 ** 20
+
+#: Parameter-sized arrays ``"prefix_normal"`` keeps per example in a chunk:
+#: the share, the updates at its direct nodes and their sums.
+_PREFIX_COPIES_PER_EXAMPLE = 8
+
+
+def _num_params(like) -> int:
+  return sum(int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(like))
+
+
+def prefix_chunk(settings: Settings, num_params: int) -> int:
+  """Examples whose shares ``"prefix_normal"`` forms at once: at most
+  ``coalition_chunk``, within :data:`PREFIX_CHUNK_BYTES`, at least 1."""
+  per_example = 4 * num_params * _PREFIX_COPIES_PER_EXAMPLE
+  return max(1, min(settings.coalition_chunk,
+                    PREFIX_CHUNK_BYTES // max(per_example, 1)))
 
 
 def _prefix_normal_values(settings: Settings, step: Step, shares, v):
@@ -186,17 +212,34 @@ def _prefix_normal_values(settings: Settings, step: Step, shares, v):
         "metric='prefix_normal' needs an optimizer that acts coordinate-wise "
         "(its update of each parameter entry reads only that entry's "
         "gradient); this one mixes coordinates. Use metric='coalitions'.")
-  return _global_values(step, shares, lambda s: metrics.prefix_normal_values(
-      step.update_of, step.u_0, s, v, batch_size=settings.coalition_chunk,
-      u_g=step.u_g))
+  chunk = prefix_chunk(settings, _num_params(step.grads))
+  return metrics.prefix_normal_values(
+      step.update_of, step.u_0, shares, v, u_g=step.u_g, batch_size=chunk,
+      axis_name=step.axis_name)
+
+
+def _uses_prefix_normal(settings: Settings, players: int) -> bool:
+  return bool(settings.elementwise) and players > shapley.EXACT_MAX_PLAYERS
+
+
+def exact_memory_need(settings: Settings, num_params: int,
+                      players: int) -> int:
+  """Bytes :data:`SHAPLEY_OF_UPDATE` needs for ``players`` examples (global
+  under data parallelism) of ``num_params`` parameters: a few chunks and
+  ten parameter-sized arrays for ``"prefix_normal"``, else every share and
+  ``3 coalition_chunk`` updates."""
+  if _uses_prefix_normal(settings, players):
+    chunk = prefix_chunk(settings, num_params)
+    return 4 * num_params * (chunk * (_PREFIX_COPIES_PER_EXAMPLE + 1) + 10)
+  return 4 * num_params * (players + 3 * settings.coalition_chunk)
 
 
 def _exact_values(settings: Settings, step: Step, shares, v):
   """Exact enumeration up to ``EXACT_MAX_PLAYERS`` examples, else the
   per-coordinate games of an elementwise optimizer, else permutations."""
-  players = jax.tree.leaves(shares)[0].shape[0] * (
+  players = shares.num_examples * (
       1 if step.axis_name is None else jax.lax.psum(1, step.axis_name))
-  if settings.elementwise and players > shapley.EXACT_MAX_PLAYERS:
+  if _uses_prefix_normal(settings, players):
     return _prefix_normal_values(settings, step, shares, v)
   return _coalition_values(settings, step, shares, v)
 
@@ -235,7 +278,7 @@ SECANT = Metric(
 REMOVAL = Metric(
     name="removal",
     values=lambda s, step, shares, v: metrics.removal_values(
-        step.update_of, step.grads, step.u_g, shares, v))
+        step.update_of, step.grads, step.u_g, shares.all(), v))
 
 #: Shapley values of the real update re-run on coalitions
 #: (:func:`~optax_shapley.metrics.coalition_values`).

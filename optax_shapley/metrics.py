@@ -25,7 +25,7 @@ Sign convention: ``phi > 0`` means example ``i`` lowered the validation loss.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,43 @@ from optax_shapley import shapley, vma
 from optax_shapley.dependence import frozen_leaves  # noqa: F401
 
 UpdateFn = Callable[[Any], Any]   # g -> u(g), the inner step with state frozen
+
+
+class Shares(NamedTuple):
+  """The per-example gradient shares ``x_i`` of a batch, formed a few
+  examples at a time, so that no ``B x P`` array need exist at once.
+
+  Attributes:
+    num_examples: ``B``, the examples (this device's under data
+      parallelism).
+    rows: ``(start, size) -> tree`` like the parameters with leaves
+      ``f32[size, ...]``: ``x_start, ..., x_{start+size-1}``; ``start`` may
+      be traced (int32[]), ``size`` is a Python int.
+  """
+  num_examples: int
+  rows: Callable[[Any, int], Any]
+
+  @classmethod
+  def of(cls, shares) -> "Shares":
+    """The shares of a formed tree with leaves ``[B, ...]``."""
+    b = jax.tree.leaves(shares)[0].shape[0]
+    return cls(b, lambda start, size: jax.tree.map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), shares))
+
+  def all(self):
+    """Every ``x_i``: a tree with leaves ``f32[B, ...]``."""
+    return self.rows(0, self.num_examples)
+
+
+def _chunk_starts(b: int, size: int):
+  """``(starts, fresh)`` of ``ceil(b / size)`` chunks of ``size`` rows
+  covering ``0..b-1``: the last chunk ends at ``b`` and may overlap the one
+  before; ``fresh[c, r]`` says row ``r`` of chunk ``c`` is not in an earlier
+  chunk."""
+  m = -(-b // size)
+  starts = np.minimum(np.arange(m) * size, b - size)
+  fresh = starts[:, None] + np.arange(size)[None] >= np.arange(m)[:, None] * size
+  return jnp.asarray(starts, jnp.int32), jnp.asarray(fresh)
 
 
 def finite_or_zero(tree):
@@ -231,7 +268,8 @@ def _hermite(n: int):
 
 
 def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
-                         batch_size: int = 16, u_g=None) -> jax.Array:
+                         batch_size: int = 16, u_g=None,
+                         axis_name: str | None = None) -> jax.Array:
   r"""Shapley values of an elementwise optimizer's real update, first order
   in ``L``, each coordinate's game solved with normal-approximated prefixes.
 
@@ -273,24 +311,55 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
   an update that is elementwise in the gradient: a coordinate-mixing one is
   not a sum of such games.
 
+  The ``x_i`` are formed ``batch_size`` at a time, twice: once for the
+  per-coordinate count, sum and sum of squares, once for the values; the
+  memory is ``batch_size`` examples' shares and their updates, plus about
+  ten parameter-sized arrays, whatever ``B``.  Under data parallelism
+  (``axis_name``) only those three sums cross devices.
+
   Args:
     update_fn: ``g -> u(g)`` with the optimizer state frozen, elementwise;
       ``u_0 = u(0)``.
-    shares: tree like the gradient with leaves ``[B, ...]``, the ``x_i``.
+    shares: the ``x_i``, a :class:`Shares` or a tree like the gradient with
+      leaves ``[B, ...]``.
     val_grad: ``grad L(wbar)``.
-    batch_size: examples whose updates are formed at once.
+    batch_size: examples whose shares and updates are formed at once.
     u_g: ``u(g)`` at the batch gradient ``g = sum_i x_i`` where known.
+    axis_name: the data-parallel axis the examples are split over (each
+      device holds its own ``B``), or ``None``.
 
   Returns:
-    f32[B]; positive = the example lowered the validation loss.
+    f32[B] (this device's examples); positive = the example lowered the
+    validation loss.
   """
   f32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
-  shares, v, u_0 = f32(shares), f32(val_grad), f32(u_0)
+  if not isinstance(shares, Shares):
+    shares = Shares.of(shares)
+  v, u_0 = f32(val_grad), f32(u_0)
   update = lambda g: f32(update_fn(g))
   tmap = jax.tree.map
-  n = tmap(lambda x: (x != 0).sum(0).astype(jnp.float32), shares)
-  g = tmap(lambda x: x.sum(0), shares)
-  sq = tmap(lambda x: (x * x).sum(0), shares)
+  b = shares.num_examples
+  size = max(1, min(batch_size, b))
+  starts, fresh = _chunk_starts(b, size)
+  rows = lambda c: f32(shares.rows(starts[c], size))
+
+  def sums(c):
+    """Count of nonzeros, sum and sum of squares of chunk ``c``'s new rows."""
+    x = rows(c)
+    keep = lambda a: jnp.where(
+        fresh[c].reshape((-1,) + (1,) * (a.ndim - 1)), a, 0)
+    return (tmap(lambda a: keep(a != 0).sum(0).astype(jnp.float32), x),
+            tmap(lambda a: keep(a).sum(0), x),
+            tmap(lambda a: keep(a * a).sum(0), x))
+
+  def add_chunk(total, c):
+    return tmap(jnp.add, total, sums(c)), None
+
+  # The first chunk starts the carry: it varies like the shares under
+  # shard_map, as the sums of the later chunks do.
+  (n, g, sq), _ = jax.lax.scan(add_chunk, sums(0), jnp.arange(1, len(starts)))
+  if axis_name is not None:
+    n, g, sq = jax.lax.psum((n, g, sq), axis_name)
   u_g = update(g) if u_g is None else f32(u_g)
   others = tmap(lambda c: c - 1, n)
 
@@ -373,7 +442,12 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
       total = total - jnp.vdot(vj, jnp.where(xi != 0, psi, 0))
     return total
 
-  return jax.lax.map(one, shares, batch_size=batch_size)
+  # Chunk by chunk; row i is read back from the last chunk holding it.
+  per_chunk = jax.lax.map(lambda c: jax.vmap(one)(rows(c)),
+                          jnp.arange(len(starts)))            # [chunks, size]
+  i = jnp.arange(b)
+  c = jnp.minimum(i // size, len(starts) - 1)
+  return per_chunk[c, i - starts[c]]
 
 
 def ray_nonlinearity(update_fn: UpdateFn, g, u_g, u_0, weight) -> jax.Array:

@@ -180,15 +180,20 @@ def with_shapley(
     coalition_permutations: permutations per step of the ``"coalitions"``
       metric when ``B > 12`` (exact enumeration below); ``None``: 64.
     coalition_chunk: coalitions (``B <= 12``) or permutations re-run at
-      once by ``"coalitions"`` and the exact steps of ``"auto"`` (examples
-      at once by ``"prefix_normal"``); ``None``:
+      once by ``"coalitions"`` and the exact steps of ``"auto"``; ``None``:
       16.  Their memory is about ``3 * coalition_chunk`` parameter-sized
-      trees on top of the ``B`` per-example gradients.
+      trees on top of the ``B`` per-example gradients.  ``"prefix_normal"``
+      forms at most this many examples' gradients at once, fewer where
+      they would exceed
+      :data:`optax_shapley.estimators.PREFIX_CHUNK_BYTES`.
     exact_threshold: ``"auto"`` credits a step by Shapley values of its update where
       the step's :func:`optax_shapley.metrics.ray_nonlinearity` is above
       this (0.1: the first 3-4 steps of Adam from initialisation on the
       bundled models); ``inf``: never, the secant at every step.
-    exact_memory: bytes the exact steps of ``"auto"`` may use,
+    exact_memory: bytes the exact steps of ``"auto"`` may use
+      (:func:`optax_shapley.estimators.exact_memory_need`): for an
+      elementwise optimizer beyond 12 examples a few examples' gradients
+      and about ten parameter-sized trees, whatever ``B``; else
       ``(B + 3 coalition_chunk) * P * 4`` for ``P`` parameters (``B``
       global under data parallelism); ``None``: 1 GiB.  Above it ``"auto"``
       is the secant at every step and warns at trace time.  Under
@@ -507,8 +512,9 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     lin = lin.reshape((lin.shape[0], len(linear), num_k))
     for j, k in enumerate(linear):
       columns[k] = lin[:, j] if weights is not None else lin[:, j, 0]
-  shares = lambda: jax.tree.map(lambda x: x / n_dev, per_example_grads(
-      factors, step.grads, frozen))
+  shares = metrics.Shares(factors.batch_size, lambda start, size: jax.tree.map(
+      lambda x: x / n_dev, per_example_grads(factors, step.grads, frozen,
+                                             rows=(start, size))))
 
   def values_of(metric, name, x):
     column = lambda v: metric.values(settings, step, x, v)
@@ -517,12 +523,13 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     # them, so only the final dot products are batched.
     return column(v) if weights is None else jax.vmap(column, out_axes=1)(v)
 
-  exact, x = jnp.zeros([], bool), None
+  exact = jnp.zeros([], bool)
   if len(linear) < len(ests):
-    x = shares()                # formed once, also for the exact branches
+    # Formed once, also for the exact branches.
+    shares = metrics.Shares.of(shares.all())
     for k, est in enumerate(ests):
       if not est.metric.linear:
-        columns[k] = values_of(est.metric, est.evaluation.name, x)
+        columns[k] = values_of(est.metric, est.evaluation.name, shares)
   for k, est in enumerate(ests):
     metric = est.metric
     if metric.exact is None or not _exact_fits(settings, factors, step):
@@ -535,27 +542,26 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     # values are split over the batch, the coalitions' are not.
     columns[k] = jax.lax.cond(
         hit, lambda m=metric.exact, n=est.evaluation.name: tables.replicated(
-            values_of(m, n, shares() if x is None else x).astype(
-                jnp.float32)),
+            values_of(m, n, shares).astype(jnp.float32)),
         lambda c=columns[k]: tables.replicated(c.astype(jnp.float32)))
     exact = exact | hit
   return jnp.stack(columns, axis=1), mismatch, exact
 
 
 def _exact_fits(settings, factors, step) -> bool:
-  """Whether the exact steps' per-example gradients and coalition updates,
-  ``(B + 3 coalition_chunk) * P`` float32 numbers (``B`` global under data
-  parallelism), fit in ``settings.exact_memory`` bytes (trace time); warns
-  once per trace where they do not."""
+  """Whether the exact steps
+  (:func:`~optax_shapley.estimators.exact_memory_need`) fit in
+  ``settings.exact_memory`` bytes (trace time); warns once per trace where
+  they do not."""
   size = sum(int(np.prod(jnp.shape(x))) for x in jax.tree.leaves(step.grads))
   b = factors.batch_size * (jax.lax.psum(1, step.axis_name)
                             if step.axis_name is not None else 1)
-  need = 4 * size * (b + 3 * settings.coalition_chunk)
+  need = estimators.exact_memory_need(settings, size, b)
   if need <= settings.exact_memory:
     return True
   warnings.warn(
       f"metric='auto' credits every step by the secant: its exact steps "
-      f"would need {need / 2**20:.0f} MiB for {b} per-example gradients of "
+      f"would need {need / 2**20:.0f} MiB for {b} examples' gradients of "
       f"{size} parameters, over exact_memory={settings.exact_memory} bytes. "
       "Adam's first steps are then misread (see the estimators guide); raise "
       "exact_memory, or warm the learning rate up from 0.", stacklevel=2)

@@ -102,14 +102,16 @@ def _quadratic_update(a, b):
                                 a, b, g)
 
 
-@pytest.mark.parametrize("players", [8, 40])
-def test_prefix_normal_is_exact_for_a_quadratic_update(players):
+@pytest.mark.parametrize("players,chunk", [(8, 16), (40, 16), (40, 7)])
+def test_prefix_normal_is_exact_for_a_quadratic_update(players, chunk):
   """For ``u_j(s) = a_j s + b_j s^2`` each coordinate's Shapley value is
   ``a_j x_ij + b_j x_ij g_j`` (the cross terms ``2 b x_l x_m`` split
   evenly), which the normal approximation reproduces: it reads only the
   mean of the prefix sums for a quadratic.  Checked against that closed
   form at B = 40 and against exact enumeration at B = 8, with shares that
-  are zero for many examples (coordinates with 0 to B players)."""
+  are zero for many examples (coordinates with 0 to B players).  The
+  shares are formed ``chunk`` at a time: 40 = 16 + 16 + 8 and 5 x 7 + 5
+  end in a chunk that overlaps the one before."""
   k = jax.random.split(jax.random.key(3), 5)
   shape = {"w": (players, 7, 5), "c": (players, 3)}
   def keep(s):
@@ -127,7 +129,15 @@ def test_prefix_normal_is_exact_for_a_quadratic_update(players):
                    like)
   update = _quadratic_update(a, b)
   zero = jax.tree.map(jnp.zeros_like, like)
-  got = np.asarray(metrics.prefix_normal_values(update, update(zero), shares, v))
+  formed = []
+  def rows(start, size):
+    formed.append(size)
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size),
+                        shares)
+  got = np.asarray(metrics.prefix_normal_values(
+      update, update(zero), metrics.Shares(players, rows), v,
+      batch_size=chunk))
+  assert set(formed) == {min(chunk, players)}
   g = jax.tree.map(lambda x: x.sum(0), shares)
   closed = -sum(np.asarray(x, np.float64).reshape(players, -1) @
                 np.asarray(vj * (aj + bj * gj), np.float64).ravel()
