@@ -210,3 +210,47 @@ def float32_moments(inner_state, grads) -> bool:
     return False
   return all(m.dtype == jnp.float32 and m.shape == g.shape
              for m, g in zip(jax.tree.leaves(mu), jax.tree.leaves(grads)))
+
+
+def flat_update(adam_state, *, learning_rate, b1, b2, eps):
+  r"""``optax.adam``'s step with its moments frozen, on one flat vector.
+
+  With the moments of ``adam_state`` (before the step) raveled and joined
+  leaf by leaf (``jax.tree.leaves`` order) into ``f32[P]`` and ``A``, ``a``,
+  ``c2`` as in :func:`adam_secant_scale`:
+
+  .. math::
+
+      u(g) = -\eta \, \frac{A + a g}
+                          {\sqrt{\beta_2 \nu / c_2 + (1 - \beta_2) g^2 / c_2}
+                           + \epsilon}
+
+  one elementwise expression for every parameter, so a computation that
+  evaluates the update many times (the per-coordinate games of
+  :func:`optax_shapley.metrics.prefix_normal_values`) holds one copy of it
+  rather than one per leaf.  AdamW's weight decay does not depend on ``g``
+  and is left out: it cancels in every difference of updates.
+
+  Returns:
+    ``(flatten, update)``: ``flatten`` maps a tree like the moments, with
+    optional leading axes common to its leaves, to ``f32[..., P]``;
+    ``update`` maps ``f32[P]`` to ``f32[P]``.
+  """
+  mu, nu = adam_state.mu, adam_state.nu
+  dims = jax.tree.leaves(jax.tree.map(jnp.ndim, mu))
+
+  def flatten(tree):
+    leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
+    lead = leaves[0].shape[:leaves[0].ndim - dims[0]]
+    return jnp.concatenate([x.reshape(lead + (-1,)) for x in leaves], axis=-1)
+
+  t = adam_state.count.astype(jnp.float32) + 1.0
+  c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+  big_a, vh0 = b1 * flatten(mu) / c1, b2 * flatten(nu) / c2
+  a = (1.0 - b1) / c1
+
+  def update(g):
+    return -learning_rate * (big_a + a * g) / (
+        jnp.sqrt(vh0 + (1.0 - b2) * g * g / c2) + eps)
+
+  return flatten, update

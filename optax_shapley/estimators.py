@@ -213,6 +213,18 @@ def _prefix_normal_values(settings: Settings, step: Step, shares, v):
         "(its update of each parameter entry reads only that entry's "
         "gradient); this one mixes coordinates. Use metric='coalitions'.")
   chunk = prefix_chunk(settings, _num_params(step.grads))
+  if settings.adam_closed_form and adam_state.float32_moments(
+      step.prev_state, step.grads):
+    # One flat vector: one copy of the update in the program, not one a leaf.
+    flatten, update = adam_state.flat_update(
+        adam_state.find_adam_state(step.prev_state), learning_rate=step.eta,
+        b1=settings.b1, b2=settings.b2, eps=settings.eps)
+    flat = metrics.Shares(shares.num_examples,
+                          lambda start, size: flatten(shares.rows(start, size)))
+    v_flat = flatten(v)
+    return metrics.prefix_normal_values(
+        update, update(jnp.zeros_like(v_flat)), flat, v_flat,
+        batch_size=chunk, axis_name=step.axis_name)
   return metrics.prefix_normal_values(
       step.update_of, step.u_0, shares, v, u_g=step.u_g, batch_size=chunk,
       axis_name=step.axis_name)

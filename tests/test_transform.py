@@ -1135,6 +1135,37 @@ def test_prefix_normal_follows_sign_descent_at_16_players():
                              atol=1e-6 * np.abs(got[:, 0]).max())
 
 
+def test_prefix_normal_of_adam_in_closed_form_equals_the_generic_update():
+  """``oxs.adam`` plays the per-coordinate games on Adam's closed-form step
+  over one flat vector; ``with_shapley(optax.adam)`` on optax's own update,
+  leaf by leaf.  The same values, at the sign-descent first step and at a
+  later one."""
+  ids = np.arange(16)
+  closed = oxs.adam(LR, num_examples=N, batch_size=16, metric="prefix_normal")
+  generic = oxs.with_shapley(optax.adam(LR), num_examples=N, batch_size=16,
+                             metric="prefix_normal")
+  x, y = X_ALL[ids], Y_ALL[ids]
+
+  def steps(tx, k):
+    @jax.jit
+    def step(p, s):
+      _, g, f = oxs.value_grad_and_factors(per_example_loss)(p, x, y)
+      u, s = tx.update(g, s, p, factors=f, example_ids=jnp.asarray(ids),
+                       val_loss=val_loss)
+      return optax.apply_updates(p, u), s
+
+    p, s = PARAMS, tx.init(PARAMS)
+    out = []
+    for _ in range(k):
+      p, s = step(p, s)
+      out.append(np.asarray(oxs.step_values(s), np.float64))
+    return out
+
+  for got, want in zip(steps(closed, 3), steps(generic, 3)):
+    np.testing.assert_allclose(got, want, rtol=0,
+                               atol=2e-4 * np.abs(want).max())
+
+
 def test_prefix_normal_needs_an_elementwise_optimizer():
   tx = oxs.with_shapley(_chain(), num_examples=N, metric="prefix_normal",
                         batch_size=16)
