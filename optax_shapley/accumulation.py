@@ -19,7 +19,8 @@ so each example's share is ``x_{j,i} / k``: :attr:`MicroSteps.divisor`.
 
 Memory: ``k - 1`` micro-batches' factors (the inputs and output cotangents
 of every probed call, and the arguments of the forward-mode fallback) and
-ids live in the optimizer state between steps.
+ids live in the optimizer state between steps: allocated by ``init`` when
+``with_shapley`` is given ``micro_batch_factors``, else by the first update.
 """
 
 from __future__ import annotations
@@ -106,14 +107,38 @@ class PendingMicroBatches(NamedTuple):
   error: jax.Array
 
 
-def empty(factors: Factors, ids: jax.Array, k: int) -> PendingMicroBatches:
-  """Zero slots shaped like one micro-batch's ``factors`` and ``ids``."""
-  slots = lambda x: jnp.zeros((k - 1,) + jnp.shape(x), jnp.result_type(x))
+def empty(factors: Factors, k: int) -> PendingMicroBatches:
+  """Zero slots shaped like one micro-batch's ``factors`` (arrays or
+  ``jax.ShapeDtypeStruct``, e.g. from ``jax.eval_shape``) and its ids."""
+  slots = lambda x: jnp.zeros((k - 1,) + tuple(x.shape), x.dtype)
   args = None if factors.fallback is None else factors.fallback[1]
+  ids = jax.ShapeDtypeStruct((factors.batch_size,), jnp.int32)
   return PendingMicroBatches(
       calls=jax.tree.map(slots, factors.calls),
       fallback_args=jax.tree.map(slots, args),
-      ids=slots(ids.astype(jnp.int32)), error=jnp.zeros([], jnp.int32))
+      ids=slots(ids), error=jnp.zeros([], jnp.int32))
+
+
+def check_like(pending: PendingMicroBatches, factors: Factors) -> None:
+  """Raises ``ValueError`` unless this micro-batch's ``factors`` fit the
+  slots of ``pending`` (trace time): same layer calls, shapes and dtypes."""
+  args = None if factors.fallback is None else factors.fallback[1]
+  want = jax.tree.map(lambda b: (tuple(b.shape[1:]), b.dtype),
+                      (pending.calls, pending.fallback_args))
+  try:
+    got = jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)),
+                       (factors.calls, args))
+    same = (jax.tree.structure(got) == jax.tree.structure(want)
+            and jax.tree.leaves(got) == jax.tree.leaves(want))
+  except (TypeError, ValueError):
+    same = False
+  if not same or pending.ids.shape[1:] != (factors.batch_size,):
+    raise ValueError(
+        "with_shapley(optax.MultiSteps(...)): this micro-batch's factors do "
+        "not match the micro-batch buffers in the state (allocated from "
+        "micro_batch_factors, or by the first update): every micro-batch "
+        "needs the same batch size and input shapes. Kept shapes "
+        f"{jax.tree.leaves(want)[:4]}..., got {jax.tree.leaves(got)[:4]}...")
 
 
 def store(pending: PendingMicroBatches, slot, factors: Factors,

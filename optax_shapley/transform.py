@@ -24,7 +24,7 @@ the checks (:mod:`~optax_shapley.checks`) and the values table
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 import warnings
 
 import jax
@@ -37,6 +37,7 @@ from optax_shapley import (accumulation, adam_state, checks, dependence,
                            validation, vma)
 from optax_shapley.contraction import (contract, ghost_contract, ghost_plans,
                                        per_example_grads)
+from optax_shapley.factors import Factors
 from optax_shapley.state import ShapleyState, find_state
 
 __all__ = ["with_shapley", "adam", "adamw", "sgd", "values", "step_values",
@@ -68,6 +69,7 @@ def with_shapley(
     num_targets: int | None = None,
     table: str = "replicated",
     closed_form: str | None = None,
+    micro_batch_factors: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` to accumulate per-example in-run data Shapley values.
 
@@ -199,6 +201,15 @@ def with_shapley(
       is the secant at every step and warns at trace time.  Under
       ``jax.jit`` both branches are compiled, so this memory counts in the
       compiled step's peak even at steps that do not use it.
+    micro_batch_factors: with ``inner`` an ``optax.MultiSteps``: the
+      factors of one micro-batch, or their shapes (``jax.eval_shape`` of
+      the capture, e.g. ``jax.eval_shape(oxs.value_grad_and_factors(loss),
+      params, x, y)[2]``; under ``jax.pmap`` one device's).  ``init`` then
+      allocates the ``k - 1`` micro-batches' buffers, so the state has the
+      same structure before and after an update: a jitted step compiles
+      once, a ``lax.scan`` over micro-batches carries it, and a checkpoint
+      restores into ``init``'s state.  ``None``: the first update allocates
+      them.  A later micro-batch of other shapes raises ``ValueError``.
     closed_form: ``"adam"`` when ``inner`` is ``optax.adam`` / ``optax.adamw``
       with these ``learning_rate``, ``b1``, ``b2``, ``eps`` (set by
       :func:`adam` and :func:`adamw`): the secant metric is then computed in
@@ -272,6 +283,16 @@ def with_shapley(
 
   micro = (accumulation.micro_steps(inner)
            if isinstance(inner, optax.MultiSteps) else None)
+  if micro_batch_factors is not None and micro is None:
+    raise ValueError(
+        "micro_batch_factors is for gradient accumulation: pass it with "
+        "with_shapley(optax.MultiSteps(opt, every_k_schedule=k), ...)")
+  if micro_batch_factors is not None and not isinstance(micro_batch_factors,
+                                                        Factors):
+    raise ValueError(
+        "micro_batch_factors must be the Factors of one micro-batch (the "
+        "third output of oxs.value_grad_and_factors, or its jax.eval_shape), "
+        f"got {type(micro_batch_factors).__name__}")
   if micro is not None and table == "none":
     raise ValueError(
         "table='none' cannot stream the values of optax.MultiSteps: its "
@@ -294,6 +315,8 @@ def with_shapley(
         first_error=jnp.zeros([], jnp.int32),
         first_error_id=jnp.full([], -1, jnp.int32),
         exact_steps=jnp.zeros([], jnp.int32),
+        pending=(None if micro_batch_factors is None else
+                 accumulation.empty(micro_batch_factors, micro.k)),
     )
 
   def attribute(step, params, factors, val_loss, val_weights, divisor=1):
@@ -356,8 +379,11 @@ def with_shapley(
           "jax.pmap.")
     old = state.inner_state
     out, new = multi_steps.update(updates, old, params, **extra_args)
-    pending = (state.pending if state.pending is not None
-               else accumulation.empty(factors, ids, micro.k))
+    if state.pending is None:
+      pending = accumulation.empty(factors, micro.k)
+    else:
+      pending = state.pending
+      accumulation.check_like(pending, factors)
     stepped = new.gradient_step != old.gradient_step
     taken = stepped | (new.mini_step != old.mini_step)  # not skipped
     last = old.mini_step == micro.k - 1

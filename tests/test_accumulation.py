@@ -218,3 +218,36 @@ def test_partition_specs_have_the_state_structure():
     assert sum(jax.tree.leaves(sharded)) == 1 and specs.values == P("d")
     st = make_step(tx)(PROB.PARAMS, st, PROB.X[part], PROB.Y[part],
                        jnp.asarray(part))[1]
+
+
+def test_buffers_allocated_at_init_let_a_scan_carry_the_state():
+  """With ``micro_batch_factors`` (shapes from ``jax.eval_shape``) the state
+  has its final structure at ``init``: the micro-batches of a whole run go
+  through one ``lax.scan`` and credit what the concatenated run credits; a
+  micro-batch of another size is refused."""
+  like = jax.eval_shape(CAPTURE, PROB.PARAMS, PROB.X[:MB], PROB.Y[:MB])[2]
+  acc = oxs.with_shapley(
+      optax.MultiSteps(optax.adam(LR), every_k_schedule=K), num_examples=N,
+      batch_size=K * MB, micro_batch_factors=like)
+  st0 = acc.init(PROB.PARAMS)
+  assert st0.pending is not None
+
+  def body(carry, part):
+    p, st = carry
+    _, g, f = CAPTURE(p, PROB.X[part], PROB.Y[part])
+    u, st = acc.update(g, st, p, factors=f, example_ids=part,
+                       val_loss=PROB.val_loss)
+    return (optax.apply_updates(p, u), st), None
+
+  parts = jnp.asarray(np.concatenate([np.split(ids, K) for ids in BATCHES]))
+  got, _ = jax.jit(lambda c: jax.lax.scan(body, c, parts))((PROB.PARAMS, st0))
+  assert jax.tree.structure(got[1]) == jax.tree.structure(st0)
+  whole = oxs.adam(LR, num_examples=N, batch_size=K * MB)
+  assert_same_run(got, run(whole, BATCHES, False))
+
+  _, g, f = CAPTURE(PROB.PARAMS, PROB.X[:MB + 1], PROB.Y[:MB + 1])
+  with pytest.raises(ValueError, match="micro-batch buffers"):
+    acc.update(g, st0, PROB.PARAMS, factors=f,
+               example_ids=jnp.arange(MB + 1), val_loss=PROB.val_loss)
+  with pytest.raises(ValueError, match="MultiSteps"):
+    oxs.with_shapley(optax.adam(LR), num_examples=N, micro_batch_factors=like)
