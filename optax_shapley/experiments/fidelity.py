@@ -303,7 +303,7 @@ def run_model(problem: Problem, cfg: Config, progress: bool = False) -> dict:
 
 def run_accumulation(problem: Problem, cfg: Config,
                      progress: bool = False) -> dict:
-  """A whole run with exact Shapley values at every step.
+  """A whole run with Shapley values of the real step at every step.
 
   Trains ``problem`` from its initialisation on ``cfg.accumulate_examples``
   training examples (a seeded random subset) for ``cfg.accumulate_epochs``
@@ -315,7 +315,8 @@ def run_accumulation(problem: Problem, cfg: Config,
   Returns:
     dict with ``examples``, ``epochs``, ``steps``, ``seconds`` and, per
     estimator, Pearson and Spearman R of the accumulated values against the
-    summed exact Shapley values, the slope of the least-squares line of
+    summed per-step Shapley values (``truth``: ``"exact"``, or
+    ``"monte_carlo"`` where a step's batch was above 12), the slope of the least-squares line of
     the accumulated values on those sums (``slope``, 1 = the right scale),
     and Pearson R without step 1 (Adam's sign step;
     ``pearson_from_step_2``); ``exact_steps``: how many steps the default
@@ -336,7 +337,7 @@ def run_accumulation(problem: Problem, cfg: Config,
   acc_truth = np.zeros(n)
   bar = oxs.Progress(total=total, batch_size=b, enabled=progress,
                      desc=f"{problem.name} whole run")
-  t = 0
+  t, methods = 0, set()
   for _ in range(cfg.accumulate_epochs):
     order = rng.permutation(n)
     for k in range(per_epoch):
@@ -345,6 +346,7 @@ def run_accumulation(problem: Problem, cfg: Config,
       key, sub = jax.random.split(key)
       gt = _ground_truth(problem, run.inner, params, state, batch, sub, cfg)
       acc_truth[ids] += gt["shapley"]
+      methods.add(gt["method"])
       params, state = run.shapley_step(params, state,
                                        jnp.asarray(ids, jnp.int32), *batch)
       t += 1
@@ -358,6 +360,7 @@ def run_accumulation(problem: Problem, cfg: Config,
   later_truth, later_values = acc_truth - first_truth, acc_values - first_values
   out = dict(examples=n, epochs=cfg.accumulate_epochs, steps=t,
              exact_steps=int(state.exact_steps),
+             truth="exact" if methods == {"exact"} else "monte_carlo",
              seconds=time.perf_counter() - t0)
   columns = {estimator_name(m, e): acc_values[:, j]
              for j, (m, e) in enumerate(ESTIMATORS)}
@@ -370,6 +373,12 @@ def run_accumulation(problem: Problem, cfg: Config,
                      pearson_from_step_2=_pearson(later_columns[name],
                                                   later_truth))
   return out
+
+
+def _truth_words(acc: dict) -> str:
+  """How the whole run's per-step truth was computed, in words."""
+  return ("exact" if acc.get("truth", "exact") == "exact"
+          else "Monte-Carlo (permutations)")
 
 
 def run_fidelity(cfg: Config = Config(), out_dir: str | None = "runs/fidelity",
@@ -431,7 +440,8 @@ def format_model(result: dict) -> str:
     lines.append(f"whole run ({acc['examples']} examples, {acc['epochs']} "
                  f"epochs, {acc['steps']} steps, {acc['exact_steps']} of them "
                  f"exact for the default): accumulated values, Pearson R "
-                 f"[slope] vs summed exact per-step Shapley: {best}")
+                 f"[slope] vs summed {_truth_words(acc)} per-step Shapley: "
+                 f"{best}")
   return "\n".join(lines) + "\n"
 
 
@@ -475,10 +485,11 @@ def format_markdown(report: dict) -> str:
     acc = res["accumulated"]
     if acc:
       out.append(f"\nWhole run ({acc['examples']} training examples, "
-                 f"{acc['epochs']} epochs, {acc['steps']} steps, exact truth at "
-                 f"every step; the default credited {acc['exact_steps']} of "
-                 f"them exactly): accumulated values against the summed exact "
-                 f"per-step Shapley values:\n")
+                 f"{acc['epochs']} epochs, {acc['steps']} steps, "
+                 f"{_truth_words(acc)} truth at every step; the default "
+                 f"credited {acc['exact_steps']} of them exactly): accumulated "
+                 f"values against the summed {_truth_words(acc)} per-step "
+                 f"Shapley values:\n")
       out.append("| estimator | Pearson R | slope | Spearman R | Pearson R, "
                  "without step 1 |")
       out.append("|---|---|---|---|---|")
