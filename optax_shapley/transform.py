@@ -125,7 +125,8 @@ def with_shapley(
       coordinate by coordinate, :func:`optax_shapley.metrics.prefix_normal_values`);
       these three form
       per-example gradients, so they cost ``B`` times the parameters' memory
-      and many optimizer updates.  A tuple tracks several estimators in one
+      (``prefix_normal``: a few examples' at a time) and many optimizer
+      updates.  A tuple tracks several estimators in one
       run.
     evaluation: ``"midpoint"`` (default), ``"start"`` or ``"end"``; a tuple
       pairs with ``metric`` (a single name is broadcast).
