@@ -6,8 +6,9 @@ learning rate.  This reruns the whole-run check of ``optax-shapley
 fidelity`` (100 training examples, 10 epochs of ``B = 10``, exact Shapley
 values of the real step at every step, summed per example) with a learning
 rate that rises linearly from 0 to 1e-3 over the first ``W`` steps and then
-stays there (``optax.linear_schedule``), and prints Pearson R of every
-estimator's accumulated values against the summed exact values.  ``W = 0``
+stays there (``optax.linear_schedule``), and prints Pearson R and the slope of
+the default's and four other estimators' accumulated values against the
+summed exact values.  ``W = 0``
 is the constant learning rate of the fidelity report.
 
 Usage: python docs/experiments/warmup.py [models] [W,...]
@@ -22,8 +23,8 @@ from optax_shapley.experiments import fidelity as F
 
 
 def main(models=("mlp",), warmups=(0, 10), lr=1e-3):
-  rows = ("secant@midpoint", F.FIRST_STEP_SWAP, "coalitions@midpoint",
-          "fixed_state@start", "sgd@start")
+  rows = (F.estimator_name(*F.DEFAULT), "secant@midpoint",
+          "coalitions@midpoint", "fixed_state@start", "sgd@start")
   for name in models:
     problem = F.make_problem(name)
     for w in warmups:
@@ -31,11 +32,12 @@ def main(models=("mlp",), warmups=(0, 10), lr=1e-3):
       cfg = F.Config(models=(name,), learning_rate=sched)
       t0 = time.perf_counter()
       acc = F.run_accumulation(problem, cfg)
-      print(f"{name}, warm-up {w} steps ({time.perf_counter() - t0:.0f} s):")
+      print(f"{name}, warm-up {w} steps ({time.perf_counter() - t0:.0f} s, "
+            f"{acc['exact_steps']} steps credited exactly by the default):")
       for r in rows:
         a = acc[r]
-        print(f"  {r:40s} Pearson {a['pearson']:.4f}  "
-              f"without step 1 {a['pearson_from_step_2']:.4f}")
+        print(f"  {r:24s} Pearson {a['pearson']:.4f}  slope {a['slope']:.3f}"
+              f"  without step 1 {a['pearson_from_step_2']:.4f}")
 
 
 if __name__ == "__main__":
