@@ -64,9 +64,15 @@ ACCUMULATION = StepError(
     "micro-batch's gradient (put clipping inside the MultiSteps: "
     "optax.MultiSteps(optax.chain(clip, adam), k)): the accumulated step "
     "was not credited")
+#: ``closed_form="adam"`` with hyperparameters that are not the optimizer's.
+CLOSED_FORM = StepError(
+    32, "the optimizer's step did not match Adam's closed form with the "
+    "learning_rate, b1, b2 and eps given to with_shapley(closed_form='adam') "
+    "(pass the optimizer's own, or leave closed_form=None): the step was not "
+    "credited")
 #: Every reason, in bit order.
 STEP_ERRORS = (ID_OUT_OF_RANGE, DUPLICATE_ID, NON_FINITE, CAPTURE_MISMATCH,
-               ACCUMULATION)
+               ACCUMULATION, CLOSED_FORM)
 
 #: The add-up check's relative tolerance.  ``sum_i x_i . d`` must equal
 #: ``g . d`` (the ``x_i`` add up to the batch gradient), and a larger gap
@@ -274,6 +280,28 @@ def upstream_scale(grads, factors: Factors, axis_name, divisor):
               [a - c * b for a, b in zip(got, want)])
   bad = resid > (RESCALE_RTOL ** 2) * dot(got, got)
   return divisor / c, bits(CAPTURE_MISMATCH, bad)
+
+
+#: Largest relative gap between the real step's response to the gradient,
+#: ``u(g) - u(0)``, and Adam's closed form of it.
+CLOSED_FORM_RTOL = 1e-3
+
+
+def closed_form_error(grads, u_g, u_0, scale) -> jax.Array:
+  """:data:`CLOSED_FORM` unless ``u(g) - u(0) = -S g`` to
+  :data:`CLOSED_FORM_RTOL` (summed over entries), with ``S`` Adam's
+  closed-form secant scale (:func:`optax_shapley.adam_state.adam_secant_scale`)
+  and ``u(g)``, ``u(0)`` the real optimizer's; the rounding of ``u`` in its
+  own dtype widens the tolerance."""
+  gap = size = slack = jnp.zeros([], jnp.float32)
+  for g, a, b, sc in zip(*map(jax.tree.leaves, (grads, u_g, u_0, scale))):
+    change = a.astype(jnp.float32) - b.astype(jnp.float32)
+    gap = gap + jnp.sum(jnp.abs(change + sc * g.astype(jnp.float32)))
+    size = size + jnp.sum(jnp.abs(change))
+    slack = slack + 4 * float(jnp.finfo(a.dtype).eps) * (
+        jnp.sum(jnp.abs(a.astype(jnp.float32)))
+        + jnp.sum(jnp.abs(b.astype(jnp.float32))))
+  return bits(CLOSED_FORM, gap > CLOSED_FORM_RTOL * size + slack)
 
 
 def add_up_error(step_vals, grads, directions, axis_name=None,

@@ -345,10 +345,12 @@ def with_shapley(
               for name, e in evaluations.items()}
     val = validation.run(val_loss, points, weights, keep_factors=bool(plans))
     step, g_dot = _read_back_gradient(step, traced)
+    closed = _closed_form_error(step, traced)
     local, mismatch, exact = _step_values(
         ests, linear, traced, step, val, weights, num_targets, frozen,
         factors, plans, g_dot, ghost_rank, ghost_tol, axis_name, divisor)
-    return local, mismatch | checks.bits(checks.NON_FINITE, ~val.finite), exact
+    return (local, mismatch | closed
+            | checks.bits(checks.NON_FINITE, ~val.finite), exact)
 
   def update_fn(updates, state, params=None, *, factors=None, example_ids=None,
                 val_loss=None, val_weights=None, **extra_args):
@@ -482,6 +484,20 @@ def _inner_step(inner, grads, inner_state, params, extra_args, need_zero,
       prev_state=inner_state, new_state=new_inner,
       eta=estimators.learning_rate_at(learning_rate, count),
       count=count, axis_name=axis_name)
+
+
+def _closed_form_error(step: estimators.Step, settings: estimators.Settings):
+  """:data:`~optax_shapley.checks.CLOSED_FORM` where Adam's closed form with
+  the given hyperparameters is not the optimizer's step (compared where
+  ``u(0)`` is at hand: the default midpoint evaluation)."""
+  if not settings.adam_closed_form or step.u_0 is None:
+    return jnp.zeros([], jnp.int32)
+  # The secant's own scale (the same expression: computed once).
+  scale = adam_state.adam_secant_scale(
+      step.late_grads, adam_state.find_adam_state(step.prev_state),
+      learning_rate=step.eta, b1=settings.b1, b2=settings.b2,
+      eps=settings.eps)
+  return checks.closed_form_error(step.late_grads, step.u_g, step.u_0, scale)
 
 
 def _read_back_gradient(step: estimators.Step, settings: estimators.Settings):

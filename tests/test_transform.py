@@ -1166,6 +1166,27 @@ def test_prefix_normal_of_adam_in_closed_form_equals_the_generic_update():
                                atol=2e-4 * np.abs(want).max())
 
 
+def test_closed_form_with_other_hyperparameters_is_not_credited():
+  """``closed_form="adam"`` asserts the optimizer is Adam with the given
+  hyperparameters; a learning rate or ``b2`` that is not the optimizer's
+  would make every secant value wrong, so each step is refused and named.
+  The optimizer's own hyperparameters (here and in every ``oxs.adam`` /
+  ``oxs.adamw`` test) pass."""
+  def tx(lr, b2):
+    return oxs.with_shapley(optax.adam(LR), num_examples=N, batch_size=B,
+                            closed_form="adam", learning_rate=lr, b1=0.9,
+                            b2=b2, eps=1e-8)
+  # Step 1 does not depend on b2 (vhat_1 = g^2 whatever b2): it is credited.
+  for lr, b2, refused in ((2 * LR, 0.999, 3), (LR, 0.99, 2)):
+    state = run(tx(lr, b2), 3)[-1][1]
+    assert int(state.skipped) == refused
+    with pytest.raises(ValueError, match="closed form"):
+      oxs.check(state)
+  state = run(tx(LR, 0.999), 3)[-1][1]
+  oxs.check(state)
+  assert np.any(np.asarray(oxs.values(state)))
+
+
 def test_prefix_normal_needs_an_elementwise_optimizer():
   tx = oxs.with_shapley(_chain(), num_examples=N, metric="prefix_normal",
                         batch_size=16)
