@@ -568,8 +568,11 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
 
   exact = jnp.zeros([], bool)
   if len(linear) < len(ests):
-    # Formed once, also for the exact branches.
-    shares = metrics.Shares.of(shares.all())
+    # Formed once where several estimators (or exact branches) read them.
+    users = sum((not e.metric.linear) + (e.metric.exact is not None)
+                for e in ests)
+    if users > 1:
+      shares = metrics.Shares.of(shares.all())
     for k, est in enumerate(ests):
       if not est.metric.linear:
         columns[k] = values_of(est.metric, est.evaluation.name, shares)

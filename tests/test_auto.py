@@ -195,3 +195,34 @@ def test_exact_steps_form_per_example_gradients_a_chunk_at_a_time():
   all_shares = 4 * b * num_params
   secant, auto = temp("secant"), temp("auto")
   assert auto - secant < all_shares / 4, (auto, secant, all_shares)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 ** 30])
+def test_chunked_shares_equal_the_formed_ones(monkeypatch, chunk_bytes):
+  """``prefix_normal`` on Dense calls and a parameter on the forward-mode
+  fallback at B = 20: shares formed one example at a time, or 16 at a time
+  (the last chunk overlapping the first), give the values of the shares
+  formed all at once (the reference: with a second estimator that reads
+  them, ``removal``, the shares are formed once, whole).  Fails if a chunk
+  takes the wrong rows of a Dense call or of the fallback's basis."""
+  from optax_shapley import estimators
+  prob = toy.problem(toy.DenseGain(), 2, (20, 5), 6)
+  _, g, f = oxs.value_grad_and_factors(prob.per_example_loss)(
+      prob.PARAMS, prob.X, prob.Y)
+  assert f.fallback_leaves                  # the raw parameter
+
+  def values(tx):
+    _, s = jax.jit(lambda g, s, f: tx.update(
+        g, s, prob.PARAMS, factors=f, example_ids=jnp.arange(20),
+        val_loss=prob.val_loss))(g, tx.init(prob.PARAMS), f)
+    oxs.check(s)
+    return np.asarray(oxs.step_values(s))
+
+  # With a second, non-linear estimator the shares are formed once, whole.
+  whole = values(oxs.adam(1e-2, num_examples=20, batch_size=20,
+                          metric=("prefix_normal", "removal")))[:, 0]
+  monkeypatch.setattr(estimators, "PREFIX_CHUNK_BYTES", chunk_bytes)
+  got = values(oxs.adam(1e-2, num_examples=20, batch_size=20,
+                        metric="prefix_normal"))
+  assert np.abs(whole).max() > 0
+  np.testing.assert_allclose(got, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
