@@ -285,11 +285,14 @@ def upstream_scale(grads, factors: Factors, axis_name, divisor):
 #: Largest relative gap between the real step's response to the gradient,
 #: ``u(g) - u(0)``, and Adam's closed form of it.
 CLOSED_FORM_RTOL = 1e-3
+#: Entries of each parameter leaf the closed-form check compares.
+CLOSED_FORM_SAMPLE = 256
 
 
 def closed_form_error(grads, u_g, u_0, scale) -> jax.Array:
   """:data:`CLOSED_FORM` unless ``u(g) - u(0) = -S g`` to
-  :data:`CLOSED_FORM_RTOL` (summed over entries), with ``S`` Adam's
+  :data:`CLOSED_FORM_RTOL` (summed over the entries given: the caller
+  passes a sample of each leaf), with ``S`` Adam's
   closed-form secant scale (:func:`optax_shapley.adam_state.adam_secant_scale`)
   and ``u(g)``, ``u(0)`` the real optimizer's; the rounding of ``u`` in its
   own dtype widens the tolerance."""
