@@ -312,8 +312,14 @@ SHAPLEY_OF_UPDATE = Metric(name="shapley_of_update", needs_zero_update=_always,
 
 
 def _nonlinear_step(settings: Settings, step: Step, weight) -> jax.Array:
-  nu = metrics.ray_nonlinearity(step.update_of, step.late_grads, step.u_g,
-                                step.u_0, weight)
+  if settings.adam_closed_form:
+    nu = adam_state.adam_ray_nonlinearity(
+        step.late_grads, adam_state.find_adam_state(step.prev_state), weight,
+        learning_rate=step.eta, b1=settings.b1, b2=settings.b2,
+        eps=settings.eps)
+  else:
+    nu = metrics.ray_nonlinearity(step.update_of, step.late_grads, step.u_g,
+                                  step.u_0, weight)
   hit = nu > settings.exact_threshold
   if step.axis_name is not None:     # one branch on every device
     hit = jax.lax.pmax(hit.astype(jnp.int32), step.axis_name) > 0

@@ -14,7 +14,7 @@ import pytest
 
 import optax_shapley as oxs
 import toy
-from optax_shapley import metrics, truth
+from optax_shapley import adam_state, metrics, truth
 
 B, N, D_IN, V, CLASSES = 6, 30, 5, 9, 3
 
@@ -64,9 +64,10 @@ def _run(tx, steps, inner=None, truth_too=False):
 
 
 def test_ray_nonlinearity_against_a_float64_finite_difference():
-  """``nu`` from one ``jax.jvp`` against a central difference of the real
-  optax.adam update along ``g`` at ``g / 2`` in float64; 0 for SGD (linear);
-  near 1 at Adam's first step (sign descent)."""
+  """``nu`` from one ``jax.jvp``, and Adam's closed form of it, against a
+  central difference of the real optax.adam update along ``g`` at ``g / 2``
+  in float64; 0 for SGD (linear); near 1 at Adam's first step (sign
+  descent)."""
   k = jax.random.split(jax.random.key(1), 6)
   p = {"w": jax.random.normal(k[0], (50,)), "b": jnp.zeros((3, 4))}
   rand = lambda key: jax.tree.map(
@@ -94,6 +95,15 @@ def test_ray_nonlinearity_against_a_float64_finite_difference():
     ref = float(num / den)
   assert 0.01 < ref < 0.9
   np.testing.assert_allclose(got, ref, rtol=1e-3)
+  # oxs.adam's closed form, against the same difference.
+  closed = float(adam_state.adam_ray_nonlinearity(
+      g, adam_state.find_adam_state(st), w, learning_rate=1e-2, b1=0.9,
+      b2=0.999, eps=1e-8))
+  np.testing.assert_allclose(closed, ref, rtol=1e-3)
+  first_state = adam_state.find_adam_state(tx.init(p))
+  assert float(adam_state.adam_ray_nonlinearity(
+      g, first_state, w, learning_rate=1e-2, b1=0.9, b2=0.999,
+      eps=1e-8)) > 0.99
 
   sgd = optax.sgd(0.1, momentum=0.9)
   s_sgd = sgd.update(g, sgd.init(p), p)[1]
