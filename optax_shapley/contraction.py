@@ -133,38 +133,36 @@ def per_example_grads(factors: Factors, like: Any,
     skip_leaves: as in :func:`contract`; those leaves come out as zeros.
     rows: ``(start, size)``: only examples ``start .. start + size - 1``
       (``start`` may be traced, ``size`` is static), at ``size / B`` of the
-      cost and memory; ``None``: all ``B``.
+      cost and memory; ``None``: all ``B``.  To form many such chunks, use
+      :func:`per_example_rows`.
 
   Returns:
     A tree like ``params`` whose leaves are ``f32[B, *leaf.shape]``
     (``[size, ...]`` with ``rows``); zeros for leaves that no call or
     fallback owns (non-float or unused) or skipped.
   """
+  start, size = (0, factors.batch_size) if rows is None else rows
+  return per_example_rows(factors, like, skip_leaves)(start, size)
+
+
+def per_example_rows(factors: Factors, like: Any,
+                     skip_leaves: tuple[int, ...] = ()):
+  """``(start, size) -> per_example_grads(factors, like, skip_leaves,
+  rows=(start, size))``, for forming the shares a chunk at a time: the
+  forward pass the fallback's Jacobian needs is taken once, here, and each
+  chunk costs its own examples' share of the rest."""
   # Under shard_map the direction must vary like the factors: the transpose
   # of a device-invariant input is a psum, which would add the devices' x_i.
   axes = vma.axes_of((factors.calls, factors.fallback))
   like_leaves = factors.params_treedef.flatten_up_to(like)
-  start, b = (0, factors.batch_size) if rows is None else rows
-  take = (lambda t: t) if rows is None else (lambda t: jax.tree.map(
-      lambda a: jax.lax.dynamic_slice_in_dim(a, start, b), t))
-  out = [vma.mark_varying(jnp.zeros((b,) + jnp.shape(x), jnp.float32), axes)
-         for x in like_leaves]
   skip = frozenset(skip_leaves)
-  for plan, (arrays, cotangent) in zip(factors.plans, factors.calls):
-    if skip and plan.owns_only(skip):
-      continue
-    owner = dict(plan.param_map)
-    for path, x in _call_shares(plan, take(tuple(arrays)), take(cotangent),
-                                like_leaves, axes):
-      i = owner[path]
-      if i not in skip:
-        out[i] = out[i] + x.astype(jnp.float32)
   fb = tuple(i for i in factors.fallback_leaves if i not in skip)
+  vjp = None
   if fb:
     zeros = [vma.mark_varying(jnp.zeros(jnp.shape(like_leaves[i]), jnp.float32),
                               axes) for i in fb]
 
-    def rows(d_fb):
+    def values(d_fb):
       d_leaves = list(like_leaves)
       for i, d in zip(fb, d_fb):
         d_leaves[i] = d[None]
@@ -172,12 +170,34 @@ def per_example_grads(factors: Factors, like: Any,
       # replicated, the basis rows below are their cotangents.
       return table.replicated(_fallback_contract(factors, d_leaves, fb)[:, 0])
 
-    _, vjp = jax.vjp(rows, zeros)
-    basis = vma.mark_varying(take(jnp.eye(factors.batch_size,
-                                          dtype=jnp.float32)), axes)
-    for i, x in zip(fb, jax.vmap(lambda e: vjp(e)[0])(basis)):
-      out[i] = out[i] + x
-  return jax.tree.unflatten(factors.params_treedef, out)
+    _, vjp = jax.vjp(values, zeros)
+
+  def rows(start, b):
+    # Gathered first on an explicit-sharding mesh: a chunk of the batch
+    # need not split evenly over its devices.
+    take = lambda t: jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(
+        table.replicated(a), start, b), t)
+    if b == factors.batch_size:
+      take = lambda t: t
+    out = [vma.mark_varying(jnp.zeros((b,) + jnp.shape(x), jnp.float32), axes)
+           for x in like_leaves]
+    for plan, (arrays, cotangent) in zip(factors.plans, factors.calls):
+      if skip and plan.owns_only(skip):
+        continue
+      owner = dict(plan.param_map)
+      for path, x in _call_shares(plan, take(tuple(arrays)), take(cotangent),
+                                  like_leaves, axes):
+        i = owner[path]
+        if i not in skip:
+          out[i] = out[i] + x.astype(jnp.float32)
+    if fb:
+      basis = vma.mark_varying(take(jnp.eye(factors.batch_size,
+                                            dtype=jnp.float32)), axes)
+      for i, x in zip(fb, jax.vmap(lambda e: vjp(e)[0])(basis)):
+        out[i] = out[i] + x
+    return jax.tree.unflatten(factors.params_treedef, out)
+
+  return rows
 
 
 def _call_shares(plan, arrays, cotangent, like_leaves, axes):

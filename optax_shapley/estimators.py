@@ -219,8 +219,11 @@ def _prefix_normal_values(settings: Settings, step: Step, shares, v):
     flatten, update = adam_state.flat_update(
         adam_state.find_adam_state(step.prev_state), learning_rate=step.eta,
         b1=settings.b1, b2=settings.b2, eps=settings.eps)
-    flat = metrics.Shares(shares.num_examples,
-                          lambda start, size: flatten(shares.rows(start, size)))
+    def open_flat():
+      rows = shares.open_rows()
+      return lambda start, size: flatten(rows(start, size))
+
+    flat = metrics.Shares(shares.num_examples, open_flat)
     v_flat = flatten(v)
     return metrics.prefix_normal_values(
         update, update(jnp.zeros_like(v_flat)), flat, v_flat,

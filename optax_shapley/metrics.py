@@ -45,23 +45,25 @@ class Shares(NamedTuple):
   Attributes:
     num_examples: ``B``, the examples (this device's under data
       parallelism).
-    rows: ``(start, size) -> tree`` like the parameters with leaves
+    open_rows: ``() -> rows``, called once where the shares are needed
+      (work shared by all chunks, such as a forward pass, happens there);
+      ``rows(start, size)`` gives a tree like the parameters with leaves
       ``f32[size, ...]``: ``x_start, ..., x_{start+size-1}``; ``start`` may
       be traced (int32[]), ``size`` is a Python int.
   """
   num_examples: int
-  rows: Callable[[Any, int], Any]
+  open_rows: Callable[[], Callable[[Any, int], Any]]
 
   @classmethod
   def of(cls, shares) -> "Shares":
     """The shares of a formed tree with leaves ``[B, ...]``."""
     b = jax.tree.leaves(shares)[0].shape[0]
-    return cls(b, lambda start, size: jax.tree.map(
+    return cls(b, lambda: lambda start, size: jax.tree.map(
         lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), shares))
 
   def all(self):
     """Every ``x_i``: a tree with leaves ``f32[B, ...]``."""
-    return self.rows(0, self.num_examples)
+    return self.open_rows()(0, self.num_examples)
 
 
 def _chunk_starts(b: int, size: int):
@@ -341,7 +343,8 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
   b = shares.num_examples
   size = max(1, min(batch_size, b))
   starts, fresh = _chunk_starts(b, size)
-  rows = lambda c: f32(shares.rows(starts[c], size))
+  rows_at = shares.open_rows()
+  rows = lambda c: f32(rows_at(starts[c], size))
 
   def sums(c):
     """Count of nonzeros, sum and sum of squares of chunk ``c``'s new rows."""
@@ -442,7 +445,8 @@ def prefix_normal_values(update_fn: UpdateFn, u_0, shares, val_grad, *,
       total = total - jnp.vdot(vj, jnp.where(xi != 0, psi, 0))
     return total
 
-  # Chunk by chunk; row i is read back from the last chunk holding it.
+  # Chunk by chunk; row i is read back from chunk i // size (the last one
+  # for the rows the last chunk covers).
   per_chunk = jax.lax.map(lambda c: jax.vmap(one)(rows(c)),
                           jnp.arange(len(starts)))            # [chunks, size]
   i = jnp.arange(b)

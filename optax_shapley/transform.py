@@ -36,7 +36,7 @@ from optax_shapley import (accumulation, adam_state, checks, dependence,
                            estimators, layers, metrics, table as tables,
                            validation, vma)
 from optax_shapley.contraction import (contract, ghost_contract, ghost_plans,
-                                       per_example_grads)
+                                       per_example_rows)
 from optax_shapley.factors import Factors
 from optax_shapley.state import ShapleyState, find_state
 
@@ -565,9 +565,12 @@ def _step_values(ests, linear, settings, step, val, weights, num_targets,
     lin = lin.reshape((lin.shape[0], len(linear), num_k))
     for j, k in enumerate(linear):
       columns[k] = lin[:, j] if weights is not None else lin[:, j, 0]
-  shares = metrics.Shares(factors.batch_size, lambda start, size: jax.tree.map(
-      lambda x: x / n_dev, per_example_grads(factors, step.grads, frozen,
-                                             rows=(start, size))))
+  def open_rows():
+    rows = per_example_rows(factors, step.grads, frozen)
+    return lambda start, size: jax.tree.map(lambda x: x / n_dev,
+                                            rows(start, size))
+
+  shares = metrics.Shares(factors.batch_size, open_rows)
 
   def values_of(metric, name, x):
     column = lambda v: metric.values(settings, step, x, v)

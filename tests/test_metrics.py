@@ -135,7 +135,7 @@ def test_prefix_normal_is_exact_for_a_quadratic_update(players, chunk):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size),
                         shares)
   got = np.asarray(metrics.prefix_normal_values(
-      update, update(zero), metrics.Shares(players, rows), v,
+      update, update(zero), metrics.Shares(players, lambda: rows), v,
       batch_size=chunk))
   assert set(formed) == {min(chunk, players)}
   g = jax.tree.map(lambda x: x.sum(0), shares)

@@ -128,6 +128,19 @@ def test_every_data_parallel_mode_matches_one_device(reference, mode):
   assert_matches(reference, values, step_values)
 
 
+@pytest.mark.parametrize("mode", ["jit_explicit", "shard_map", "pmap"])
+def test_exact_steps_one_example_at_a_time_match_one_device(
+    reference, mode, monkeypatch):
+  """The exact steps of ``auto`` (B = 16: per-coordinate games) forming one
+  example's gradient at a time, against the one-device run: a chunk that
+  does not split evenly over the devices (an explicit-sharding mesh), and
+  per-device chunks whose sums cross devices (shard_map, pmap)."""
+  from optax_shapley import estimators
+  monkeypatch.setattr(estimators, "PREFIX_CHUNK_BYTES", 1)
+  values, step_values = run_mode(mode)
+  assert_matches(reference, values, step_values)
+
+
 def test_sharded_table_under_shard_map(reference):
   m = mesh()
   tx = make_tx("d", table="sharded")
