@@ -17,11 +17,13 @@ and the batch gradient read back from the first moment after the update.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from optax_shapley import metrics
 
 
 def find_adam_state(state) -> optax.ScaleByAdamState:
@@ -89,6 +91,38 @@ def fixed_state_scale(like, adam_state, *, learning_rate, b1, b2, eps,
   return jax.tree.map(lambda _, n: scale(n), like, nu)
 
 
+class FrozenStep(NamedTuple):
+  r"""``optax.adam``'s step with the moments before it frozen, as a function
+  of the gradient: per entry
+
+  .. math::
+
+      u(g) = -\eta \, \frac{A + a g}{\sqrt{V + b g^2} + \epsilon}, \qquad
+      A = \frac{\beta_1 \mu}{c_1}, \; a = \frac{1 - \beta_1}{c_1}, \;
+      V = \frac{\beta_2 \nu}{c_2}, \; b = \frac{1 - \beta_2}{c_2}
+
+  with ``c_k = 1 - beta_k^t``, ``t = count + 1``.  ``big_a`` and ``vh0``
+  are trees like the moments (float32); ``a`` and ``b`` are f32[].
+  """
+  big_a: Any
+  a: jax.Array
+  vh0: Any
+  b: jax.Array
+
+
+def frozen_step(adam_state, *, b1, b2) -> FrozenStep:
+  """The :class:`FrozenStep` of ``adam_state`` (the state before the step)."""
+  t = adam_state.count.astype(jnp.float32) + 1.0
+  c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+  return FrozenStep(
+      big_a=jax.tree.map(lambda m: b1 * m.astype(jnp.float32) / c1,
+                         adam_state.mu),
+      a=(1.0 - b1) / c1,
+      vh0=jax.tree.map(lambda n: b2 * n.astype(jnp.float32) / c2,
+                       adam_state.nu),
+      b=(1.0 - b2) / c2)
+
+
 def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
   r"""``S = -(u(g) - u(0)) / g`` of ``optax.adam`` in closed form, elementwise.
 
@@ -112,24 +146,19 @@ def adam_secant_scale(g, adam_state, *, learning_rate, b1, b2, eps):
   roots and divisions into a few loops).  Weight decay (AdamW) does not
   depend on ``g`` and cancels.  Returns a tree like ``g``, float32.
   """
-  t = adam_state.count.astype(jnp.float32) + 1.0
-  c1 = 1.0 - b1 ** t
-  c2 = 1.0 - b2 ** t
-  a = (1.0 - b1) / c1
+  step = frozen_step(adam_state, b1=b1, b2=b2)
 
-  def one(gi, mu, nu):
+  def one(gi, big_a, vh0):
     gi = gi.astype(jnp.float32)
-    big_a = b1 * mu.astype(jnp.float32) / c1
-    vh0 = b2 * nu.astype(jnp.float32) / c2
     s0 = jnp.sqrt(vh0)
-    s = jnp.sqrt(vh0 + (1.0 - b2) * gi * gi / c2)
+    s = jnp.sqrt(vh0 + step.b * gi * gi)
     d, d0 = s + eps, s0 + eps
     both = s + s0
-    cross = jnp.where(both > 0, big_a * (1.0 - b2) * gi
-                      / (c2 * jnp.where(both > 0, both, 1.0) * d * d0), 0.0)
-    return learning_rate * (a / d - cross)
+    cross = jnp.where(both > 0, big_a * step.b * gi
+                      / (jnp.where(both > 0, both, 1.0) * d * d0), 0.0)
+    return learning_rate * (step.a / d - cross)
 
-  return jax.tree.map(one, g, adam_state.mu, adam_state.nu)
+  return jax.tree.map(one, g, step.big_a, step.vh0)
 
 
 def adam_ray_nonlinearity(g, adam_state, weight, *, learning_rate, b1, b2,
@@ -138,8 +167,7 @@ def adam_ray_nonlinearity(g, adam_state, weight, *, learning_rate, b1, b2,
   step in closed form, one elementwise pass per leaf: no ``jax.jvp`` of the
   update, no ``u(0)``.
 
-  With ``A``, ``a``, ``c2`` as in :func:`adam_secant_scale`,
-  ``V = beta_2 nu / c_2``, ``b = (1 - beta_2) / c_2``, ``R(s) =
+  With ``A``, ``a``, ``V``, ``b`` of :class:`FrozenStep`, ``R(s) =
   sqrt(V + b s^2 g^2)`` and ``D = R + eps``, the step along the ray is
   ``u(s g) = -eta (A + a s g) / D(s)``, so
 
@@ -152,25 +180,21 @@ def adam_ray_nonlinearity(g, adam_state, weight, *, learning_rate, b1, b2,
   and ``u(g) - u(0) = -S g`` with ``S`` of :func:`adam_secant_scale`.
   Entries with ``g = 0`` count as 0, as there.  Returns f32[].
   """
-  t = adam_state.count.astype(jnp.float32) + 1.0
-  c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-  a, b = (1.0 - b1) / c1, (1.0 - b2) / c2
+  step = frozen_step(adam_state, b1=b1, b2=b2)
+
+  def deriv(gi, big_a, vh0):
+    gi = gi.astype(jnp.float32)
+    r = jnp.sqrt(vh0 + step.b * gi * gi / 4)
+    d = r + eps
+    bend = jnp.where(r > 0, (big_a + step.a * gi / 2) * step.b * gi * gi / 2
+                     / (jnp.where(r > 0, r, 1.0) * d * d), 0.0)
+    return -learning_rate * (step.a * gi / d - bend)
+
   scale = adam_secant_scale(g, adam_state, learning_rate=learning_rate,
                             b1=b1, b2=b2, eps=eps)
-  num = den = jnp.zeros([], jnp.float32)
-  for w, gi, mu, nu, sc in zip(*map(jax.tree.leaves, (
-      weight, g, adam_state.mu, adam_state.nu, scale))):
-    gi, w = gi.astype(jnp.float32), w.astype(jnp.float32)
-    big_a = b1 * mu.astype(jnp.float32) / c1
-    r = jnp.sqrt(b2 * nu.astype(jnp.float32) / c2 + b * gi * gi / 4)
-    d = r + eps
-    bend = jnp.where(r > 0, (big_a + a * gi / 2) * b * gi * gi / 2
-                     / (jnp.where(r > 0, r, 1.0) * d * d), 0.0)
-    deriv = jnp.where(gi != 0, -learning_rate * (a * gi / d - bend), 0.0)
-    change = -sc * gi
-    num = num + jnp.sum(w * jnp.abs(deriv - change))
-    den = den + jnp.sum(w * jnp.abs(change))
-  return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0.0)
+  change = jax.tree.map(lambda sc, gi: -sc * gi.astype(jnp.float32), scale, g)
+  return metrics.nonlinearity_ratio(
+      jax.tree.map(deriv, g, step.big_a, step.vh0), change, g, weight)
 
 
 def adam_gradient(prev_state: optax.ScaleByAdamState,
@@ -256,17 +280,9 @@ def float32_moments(inner_state, grads) -> bool:
 def flat_update(adam_state, *, learning_rate, b1, b2, eps):
   r"""``optax.adam``'s step with its moments frozen, on one flat vector.
 
-  With the moments of ``adam_state`` (before the step) raveled and joined
-  leaf by leaf (``jax.tree.leaves`` order) into ``f32[P]`` and ``A``, ``a``,
-  ``c2`` as in :func:`adam_secant_scale`:
-
-  .. math::
-
-      u(g) = -\eta \, \frac{A + a g}
-                          {\sqrt{\beta_2 \nu / c_2 + (1 - \beta_2) g^2 / c_2}
-                           + \epsilon}
-
-  one elementwise expression for every parameter, so a computation that
+  The :class:`FrozenStep` of ``adam_state`` (the state before the step)
+  with its trees raveled and joined leaf by leaf (``jax.tree.leaves``
+  order) into ``f32[P]``: one elementwise expression for every parameter, so a computation that
   evaluates the update many times (the per-coordinate games of
   :func:`optax_shapley.metrics.prefix_normal_values`) holds one copy of it
   rather than one per leaf.  AdamW's weight decay does not depend on ``g``
@@ -277,21 +293,18 @@ def flat_update(adam_state, *, learning_rate, b1, b2, eps):
     optional leading axes common to its leaves, to ``f32[..., P]``;
     ``update`` maps ``f32[P]`` to ``f32[P]``.
   """
-  mu, nu = adam_state.mu, adam_state.nu
-  dims = jax.tree.leaves(jax.tree.map(jnp.ndim, mu))
+  dims = jax.tree.leaves(jax.tree.map(jnp.ndim, adam_state.mu))
 
   def flatten(tree):
     leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
     lead = leaves[0].shape[:leaves[0].ndim - dims[0]]
     return jnp.concatenate([x.reshape(lead + (-1,)) for x in leaves], axis=-1)
 
-  t = adam_state.count.astype(jnp.float32) + 1.0
-  c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-  big_a, vh0 = b1 * flatten(mu) / c1, b2 * flatten(nu) / c2
-  a = (1.0 - b1) / c1
+  step = frozen_step(adam_state, b1=b1, b2=b2)
+  big_a, vh0 = flatten(step.big_a), flatten(step.vh0)
 
   def update(g):
-    return -learning_rate * (big_a + a * g) / (
-        jnp.sqrt(vh0 + (1.0 - b2) * g * g / c2) + eps)
+    return -learning_rate * (big_a + step.a * g) / (
+        jnp.sqrt(vh0 + step.b * g * g) + eps)
 
   return flatten, update

@@ -483,14 +483,20 @@ def ray_nonlinearity(update_fn: UpdateFn, g, u_g, u_0, weight) -> jax.Array:
   """
   half = jax.tree.map(lambda x: x / 2, g)
   _, deriv = jax.jvp(update_fn, (half,), (g,))
+  change = jax.tree.map(lambda a, b: (a - b).astype(jnp.float32), u_g, u_0)
+  return nonlinearity_ratio(deriv, change, g, weight)
+
+
+def nonlinearity_ratio(deriv, change, g, weight) -> jax.Array:
+  """``nu`` of :func:`ray_nonlinearity` from ``J(g/2) g`` (``deriv``) and
+  ``u(g) - u(0)`` (``change``), trees like ``g``; entries of ``deriv`` that
+  are not finite or where ``g = 0`` count as 0.  Returns f32[]."""
   num = den = jnp.zeros([], jnp.float32)
-  for w, d, gi, a, b in zip(*map(jax.tree.leaves,
-                                  (weight, deriv, g, u_g, u_0))):
-    w = w.astype(jnp.float32)
-    change = (a - b).astype(jnp.float32)
+  for w, d, gi, c in zip(*map(jax.tree.leaves, (weight, deriv, g, change))):
+    w, c = w.astype(jnp.float32), c.astype(jnp.float32)
     d = jnp.where(jnp.isfinite(d) & (gi != 0), d, 0).astype(jnp.float32)
-    num = num + jnp.sum(w * jnp.abs(d - change))
-    den = den + jnp.sum(w * jnp.abs(change))
+    num = num + jnp.sum(w * jnp.abs(d - c))
+    den = den + jnp.sum(w * jnp.abs(c))
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), 0.0)
 
 
