@@ -125,13 +125,10 @@ def check_like(pending: PendingMicroBatches, factors: Factors) -> None:
   args = None if factors.fallback is None else factors.fallback[1]
   want = jax.tree.map(lambda b: (tuple(b.shape[1:]), b.dtype),
                       (pending.calls, pending.fallback_args))
-  try:
-    got = jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)),
-                       (factors.calls, args))
-    same = (jax.tree.structure(got) == jax.tree.structure(want)
-            and jax.tree.leaves(got) == jax.tree.leaves(want))
-  except (TypeError, ValueError):
-    same = False
+  got = jax.tree.map(lambda x: (tuple(jnp.shape(x)), jnp.result_type(x)),
+                     (factors.calls, args))
+  same = (jax.tree.structure(got) == jax.tree.structure(want)
+          and jax.tree.leaves(got) == jax.tree.leaves(want))
   if not same or pending.ids.shape[1:] != (factors.batch_size,):
     raise ValueError(
         "with_shapley(optax.MultiSteps(...)): this micro-batch's factors do "

@@ -6,6 +6,7 @@ References: a float64 finite difference for the nonlinearity criterion, the
 values of every real step (``truth.step_utility``, all ``2^B`` coalitions)
 summed over a whole run from initialisation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,8 +177,6 @@ def test_exact_steps_form_per_example_gradients_a_chunk_at_a_time():
   page touched.  The chunked values are checked against the closed form
   and enumeration in test_metrics, and against one device in
   test_data_parallel."""
-  import flax.linen as nn
-
   class Wide(nn.Module):
     @nn.compact
     def __call__(self, x):
